@@ -330,10 +330,10 @@ func TestDiff(t *testing.T) {
 
 func TestParseFlow(t *testing.T) {
 	good := map[string]Flow{
-		"tcp 10.137.0.5:40000 -> 93.184.216.34:443": {Proto: IPProtoTCP, Src: client4, SrcPort: 40000, Dst: netip.MustParseAddr("93.184.216.34"), DstPort: 443},
-		"udp 10.137.0.5 -> 10.139.1.1:53":           {Proto: IPProtoUDP, Src: client4, Dst: netip.MustParseAddr("10.139.1.1"), DstPort: 53},
-		"icmp 10.137.0.5 -> 8.8.8.8 type 0":         {Proto: IPProtoICMP, Src: client4, Dst: netip.MustParseAddr("8.8.8.8"), ICMPType: 0},
-		"ICMP 10.137.0.5 -> 8.8.8.8":                {Proto: IPProtoICMP, Src: client4, Dst: netip.MustParseAddr("8.8.8.8"), ICMPType: 8},
+		"tcp 10.137.0.5:40000 -> 93.184.216.34:443":          {Proto: IPProtoTCP, Src: client4, SrcPort: 40000, Dst: netip.MustParseAddr("93.184.216.34"), DstPort: 443},
+		"udp 10.137.0.5 -> 10.139.1.1:53":                    {Proto: IPProtoUDP, Src: client4, Dst: netip.MustParseAddr("10.139.1.1"), DstPort: 53},
+		"icmp 10.137.0.5 -> 8.8.8.8 type 0":                  {Proto: IPProtoICMP, Src: client4, Dst: netip.MustParseAddr("8.8.8.8"), ICMPType: 0},
+		"ICMP 10.137.0.5 -> 8.8.8.8":                         {Proto: IPProtoICMP, Src: client4, Dst: netip.MustParseAddr("8.8.8.8"), ICMPType: 8},
 		"tcp [fd09:24ef:4179::a89:5]:1 -> [2001:db8::1]:443": {Proto: IPProtoTCP, Src: client6, SrcPort: 1, Dst: netip.MustParseAddr("2001:db8::1"), DstPort: 443},
 		"icmp fd09:24ef:4179::a89:5 -> 2001:db8::1":          {Proto: IPProtoICMPv6, Src: client6, Dst: netip.MustParseAddr("2001:db8::1"), ICMPType: 128},
 		"47 10.137.0.5 -> 1.2.3.4":                           {Proto: 47, Src: client4, Dst: netip.MustParseAddr("1.2.3.4")},
