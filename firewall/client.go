@@ -1,0 +1,273 @@
+package firewall
+
+import (
+	"net/netip"
+	"sync/atomic"
+	"time"
+
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
+
+	"qfw/rules"
+)
+
+// ICMP errors to one client (rejects, time exceeded, too big) are limited
+// to icmpErrorRate per second with bursts of icmpErrorBurst.
+const (
+	icmpErrorRate  = 50
+	icmpErrorBurst = 50
+)
+
+// client is one attached client qube.
+type client struct {
+	name         string
+	ip4, ip6     netip.Addr
+	addr4, addr6 tcpip.Address
+	mac          [header.EthernetAddressSize]byte
+	port         *port
+	rules4       atomic.Pointer[ruleTable]
+	rules6       atomic.Pointer[ruleTable]
+
+	// Guarded by Engine.mu.
+	flowHead, flowTail int32 // the client's flows, oldest first
+	flowCount          int
+	counters           ClientCounters
+	icmpLimit          tokenBucket
+	removed            bool
+}
+
+func newClient(cfg ClientConfig) *client {
+	return &client{
+		name:     cfg.Name,
+		ip4:      cfg.IP4,
+		ip6:      cfg.IP6,
+		addr4:    tcpipAddr(cfg.IP4),
+		addr6:    tcpipAddr(cfg.IP6),
+		mac:      [header.EthernetAddressSize]byte(cfg.MAC),
+		flowHead: -1,
+		flowTail: -1,
+	}
+}
+
+// rules is the client's rule slot of a family.
+func (c *client) rules(f rules.Family) *atomic.Pointer[ruleTable] {
+	if f == rules.IPv4 {
+		return &c.rules4
+	}
+	return &c.rules6
+}
+
+// addr is the client's address of a family (empty if it has none).
+func (c *client) addr(f rules.Family) tcpip.Address {
+	if f == rules.IPv4 {
+		return c.addr4
+	}
+	return c.addr6
+}
+
+// tokenBucket limits a rate of events; the zero value starts full.
+type tokenBucket struct {
+	last   int64 // unix nanoseconds of the last refill
+	tokens int64 // events still allowed
+	primed bool
+}
+
+// allow takes one token if there is one, refilling rate per second up to
+// burst.
+func (b *tokenBucket) allow(now int64, rate, burst int64) bool {
+	if !b.primed {
+		b.primed, b.tokens, b.last = true, burst, now
+	}
+	if refill := (now - b.last) * rate / int64(time.Second); refill > 0 {
+		b.tokens = min(burst, b.tokens+refill)
+		b.last = now
+	}
+	if b.tokens == 0 {
+		return false
+	}
+	b.tokens--
+	return true
+}
+
+// fromClient handles one frame from client c (pipeline step 2).
+func (w *worker) fromClient(c *client, frame []byte) {
+	if len(frame) >= header.EthernetMinimumSize && header.Ethernet(frame).Type() == header.ARPProtocolNumber {
+		w.clientARP(c, frame)
+		return
+	}
+	p := &w.pkt
+	if !p.parse(frame) {
+		c.counters.Dropped++ // malformed, fragment, unsupported protocol
+		return
+	}
+	if p.isNeighborSolicit() {
+		w.clientNeighborSolicit(c, p)
+		return
+	}
+	if p.src != c.addr(p.family) {
+		c.counters.Dropped++ // spoofed, or IPv6 from a client without IPv6
+		return
+	}
+	if [header.EthernetAddressSize]byte(frame) != w.in.macBytes {
+		c.counters.Dropped++ // broadcast or multicast frame: DHCP, mDNS, ...
+		return
+	}
+	e := w.engine
+	if gw := e.clientGateway(p.family); gw.Len() != 0 && p.dst == gw {
+		w.clientToGateway(c, p)
+		return
+	}
+	if p.isMulticast() {
+		c.counters.Dropped++
+		return
+	}
+	// A router checks the TTL and the MTU before its forward filter.
+	if p.ttl() <= 1 {
+		w.icmpError(w.in, p, &c.icmpLimit, e.clientGateway(p.family), errTimeExceeded, 0)
+		return
+	}
+	if len(p.network) > e.uplink.mtu {
+		if p.dontFragment() {
+			w.icmpError(w.in, p, &c.icmpLimit, e.clientGateway(p.family), errTooBig, uint32(e.uplink.mtu))
+		}
+		c.counters.Dropped++
+		return
+	}
+	key := p.flowKey(true)
+	f := e.flows.lookup(e.flows.orig, &key, w.now)
+	if f != nil && f.orig.proto == protoTCP && f.state >= tcpTimeWait && p.tcpFlags&(header.TCPFlagSyn|header.TCPFlagAck) == header.TCPFlagSyn {
+		e.flows.remove(e.flows.orig[key]) // a new connection on a closed flow's ports
+		f = nil
+	}
+	if f == nil {
+		if f = w.newFlow(c, p, &key); f == nil {
+			return
+		}
+	} else {
+		f.track(p, true, w.now)
+	}
+	w.forwardToUplink(c, f, p)
+}
+
+// clientARP answers a client's ARP request for any address but its own with
+// the gateway MAC (as Linux proxy_arp and mirage do). The reply is built in
+// place.
+func (w *worker) clientARP(c *client, frame []byte) {
+	arp := header.ARP(frame[header.EthernetMinimumSize:])
+	if !arp.IsValid() || arp.Op() != header.ARPRequest ||
+		tcpip.AddrFrom4Slice(arp.ProtocolAddressSender()) != c.addr4 ||
+		tcpip.AddrFrom4Slice(arp.ProtocolAddressTarget()) == c.addr4 {
+		c.counters.Dropped++
+		return
+	}
+	w.send(w.in, arpReplyInPlace(frame, w.in.macBytes))
+}
+
+// clientNeighborSolicit answers a client's neighbour solicitation for any
+// address but its own with the gateway MAC.
+func (w *worker) clientNeighborSolicit(c *client, p *packet) {
+	ns, ok := p.neighborSolicit()
+	if !ok || c.addr6.Len() == 0 || ns.TargetAddress() == c.addr6 ||
+		!(p.src == c.addr6 || header.IsV6LinkLocalUnicastAddress(p.src)) {
+		c.counters.Dropped++
+		return
+	}
+	w.sendNeighborAdvert(w.in, p, ns.TargetAddress(), ns.TargetAddress() == w.engine.clientGW6)
+}
+
+// clientToGateway handles packets addressed to the firewall itself: pings
+// are answered, other ICMP is ignored and anything else is rejected with
+// host-prohibited, as the Linux input chain does for vifs.
+func (w *worker) clientToGateway(c *client, p *packet) {
+	switch {
+	case p.isEcho(true):
+		w.send(w.in, p.echoReplyInPlace(&w.in.macBytes))
+	case p.proto == protoICMPv4 || p.proto == protoICMPv6:
+		c.counters.Dropped++
+	default:
+		w.icmpError(w.in, p, &c.icmpLimit, p.dst, errHostProhibited, 0)
+	}
+}
+
+// newFlow decides a packet without a flow (pipeline step 4) and returns the
+// new flow, or nil when the packet was rejected or dropped.
+func (w *worker) newFlow(c *client, p *packet, key *flowKey) *flow {
+	e := w.engine
+	if (p.proto == protoICMPv4 || p.proto == protoICMPv6) && !p.isEcho(true) {
+		c.counters.Dropped++ // only echo requests start ICMP flows
+		return nil
+	}
+	if e.clients[keyAddr(key.remote, key.family)] != nil {
+		c.counters.Dropped++ // client to client: never forwarded (Linux: oifgroup 2 drop)
+		return nil
+	}
+	verdict, count := c.rules(p.family).Load().check(p.ruleFlow())
+	natAddr := e.uplinkAddr(p.family)
+	if verdict.Action != rules.Accept || natAddr.Len() == 0 {
+		c.counters.Rejected++
+		if count != nil {
+			count.rejected++
+		}
+		w.icmpError(w.in, p, &c.icmpLimit, e.clientGateway(p.family), errAdminProhibited, 0)
+		return nil
+	}
+	state := udpUnreplied
+	switch p.proto {
+	case protoTCP:
+		if p.tcpFlags&(header.TCPFlagSyn|header.TCPFlagAck|header.TCPFlagRst) != header.TCPFlagSyn {
+			c.counters.Dropped++ // mid-connection segment of a flow we do not know: no NAT binding to resume
+			return nil
+		}
+		state = tcpSynSent
+	case protoICMPv4, protoICMPv6:
+		state = icmpEcho
+	}
+	var nat [16]byte
+	copy(nat[:], natAddr.AsSlice())
+	f := e.flows.create(c, key, nat, state, w.now)
+	if f == nil {
+		e.uplinkCounters.FlowTableFull++
+		c.counters.Dropped++
+		return nil
+	}
+	c.counters.Accepted++
+	count.accepted++
+	f.rule = count
+	return f
+}
+
+// ruleFlow is the packet as the client's rules see it.
+func (p *packet) ruleFlow() rules.Flow {
+	return rules.Flow{
+		Proto:    p.proto,
+		Src:      addrFromTCPIP(p.src),
+		Dst:      addrFromTCPIP(p.dst),
+		SrcPort:  p.srcPort,
+		DstPort:  p.dstPort,
+		ICMPType: p.icmpType,
+	}
+}
+
+func addrFromTCPIP(a tcpip.Address) netip.Addr {
+	ip, _ := netip.AddrFromSlice(a.AsSlice())
+	return ip
+}
+
+// forwardToUplink translates a client's packet of flow f and queues it for
+// the uplink (pipeline step 3, the fast path).
+func (w *worker) forwardToUplink(c *client, f *flow, p *packet) {
+	e := w.engine
+	n := uint64(len(p.network))
+	c.counters.TxPackets++
+	c.counters.TxBytes += n
+	f.rule.bytes += n
+	p.decrementTTL()
+	p.rewriteSource(e.uplinkAddr(p.family), f.reply.localPort)
+	nb := e.gatewayNeighbour(p.family)
+	if !nb.resolved {
+		nb.enqueue(p.frame)
+		return
+	}
+	p.setEthernet(&nb.mac, &e.uplink.macBytes)
+	w.send(e.uplink, p.frame)
+}

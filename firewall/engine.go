@@ -1,0 +1,433 @@
+// Package firewall is qfw's userspace packet engine: it sits between the
+// client qubes' vifs and the uplink to sys-net, filters every new flow
+// through the client's Qubes rules and NATs what it lets through, as the
+// Linux sys-firewall does.
+//
+// The data path is a pipeline with one goroutine per Link:
+//
+//  1. Read a batch of frames from a link (routineReadLink) into buffers that
+//     are reused for the engine's lifetime; parse each frame once with
+//     gvisor's header views into a reused packet descriptor (parseFrame).
+//  2. From a client (fromClient): answer ARP and neighbour solicitations for
+//     the gateway, drop what is not unicast IP addressed to us, drop spoofed
+//     sources, answer pings to the gateway, drop client-to-client traffic,
+//     send ICMP "time exceeded" and "fragmentation needed" as a router must.
+//  3. Established flow (conntrack hit): update the flow's state and
+//     translate in place (source NAT, TTL, incremental checksums) and queue
+//     the frame for the uplink. This is the fast path: no allocation, no
+//     rule walk.
+//  4. New flow: the client's Ruleset decides. Accept creates a conntrack
+//     entry with a random NAT port; Drop answers ICMP admin-prohibited,
+//     rate-limited per client.
+//  5. From the uplink (fromUplink): ARP and neighbour discovery for our
+//     address and the gateway's, pings to us, then only packets of known
+//     flows and ICMP errors that quote one are translated back and queued
+//     for the client's link; everything else is dropped.
+//  6. At the end of the batch, every queued frame is written with one Write
+//     per destination link (flush).
+//
+// Frames the engine makes itself (replies, ICMP errors) are built in
+// per-goroutine scratch buffers, so steady-state forwarding does not
+// allocate. One mutex (Engine.mu) guards the conntrack table, the clients
+// and the counters; it is held for a few hundred nanoseconds per packet.
+package firewall
+
+import (
+	"context"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"sync"
+	"time"
+
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
+
+	"qfw/rules"
+)
+
+// GatewayMAC is the Ethernet address of the firewall's side of every client
+// vif, as Linux netback and mirage use it.
+var GatewayMAC = net.HardwareAddr{0xfe, 0xff, 0xff, 0xff, 0xff, 0xff}
+
+// Defaults for Config fields left zero.
+const (
+	DefaultMaxFlows = 10000
+	// DefaultClientShareDivisor: by default one client may hold a quarter of
+	// the table.
+	DefaultClientShareDivisor = 4
+)
+
+// Config is the firewall VM's network configuration as QubesDB gives it
+// (specs/qubes.md section 4), plus the engine's limits.
+type Config struct {
+	UplinkIP4      netip.Addr // /qubes-ip: our address towards sys-net
+	UplinkIP6      netip.Addr // /qubes-ip6, optional: enables NAT66
+	UplinkGateway4 netip.Addr // /qubes-gateway: sys-net, its MAC resolved by ARP
+	UplinkGateway6 netip.Addr // /qubes-gateway6, optional
+	ClientGateway4 netip.Addr // /qubes-netvm-gateway: what clients route through
+	ClientGateway6 netip.Addr // /qubes-netvm-gateway6, optional
+	// ClientDNS are /qubes-netvm-primary-dns and -secondary-dns. Queries to
+	// them are forwarded like any allowed flow (sys-net redirects them);
+	// RuleOptions hands them to the rule compiler for specialtarget=dns.
+	ClientDNS []netip.Addr
+
+	MaxFlows          int // conntrack capacity; 0 means DefaultMaxFlows
+	MaxFlowsPerClient int // one client's share; 0 means MaxFlows/DefaultClientShareDivisor
+
+	Logger *slog.Logger     // nil discards
+	Clock  func() time.Time // nil means time.Now; tests move time by hand
+	Rand   io.Reader        // seeds the NAT port generator; nil means crypto/rand
+}
+
+// ConfigFromQubesDB reads the keys of section 4 of specs/qubes.md from a
+// QubesDB snapshot (absolute paths to values). Limits, logger, clock and
+// random source are left at their defaults.
+func ConfigFromQubesDB(db map[string]string) (Config, error) {
+	var cfg Config
+	var errs []error
+	addr := func(key string, required bool) netip.Addr {
+		v, ok := db[key]
+		if !ok || v == "" {
+			if required {
+				errs = append(errs, fmt.Errorf("QubesDB %s: missing", key))
+			}
+			return netip.Addr{}
+		}
+		a, err := netip.ParseAddr(v)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("QubesDB %s: %v", key, err))
+		}
+		return a
+	}
+	cfg.UplinkIP4 = addr("/qubes-ip", true)
+	cfg.UplinkGateway4 = addr("/qubes-gateway", true)
+	cfg.UplinkIP6 = addr("/qubes-ip6", false)
+	cfg.UplinkGateway6 = addr("/qubes-gateway6", false)
+	cfg.ClientGateway4 = addr("/qubes-netvm-gateway", true)
+	cfg.ClientGateway6 = addr("/qubes-netvm-gateway6", false)
+	for _, key := range []string{"/qubes-netvm-primary-dns", "/qubes-netvm-secondary-dns"} {
+		if a := addr(key, false); a.IsValid() {
+			cfg.ClientDNS = append(cfg.ClientDNS, a)
+		}
+	}
+	return cfg, errors.Join(errs...)
+}
+
+// RuleOptions are the options to compile a client's rule tree of one family
+// with: specialtarget=dns matches the client DNS addresses.
+func (cfg *Config) RuleOptions(family rules.Family, resolver rules.Resolver) rules.Options {
+	return rules.Options{Family: family, DNSServers: cfg.ClientDNS, Resolver: resolver}
+}
+
+// ClientConfig describes one client qube attached to the firewall.
+type ClientConfig struct {
+	Name string
+	IP4  netip.Addr       // the client's IPv4 address (required)
+	IP6  netip.Addr       // optional
+	MAC  net.HardwareAddr // the client's own MAC (frames to it go there)
+	Link Link             // its vif; the engine owns and closes it
+}
+
+// Engine is the packet engine. Create it with New, attach clients with
+// AddClient, give them rules with SetRules and start it with Run.
+type Engine struct {
+	cfg    Config
+	log    *slog.Logger
+	now    func() time.Time
+	uplink *port
+
+	uplinkAddr4, uplinkAddr6 tcpip.Address
+	clientGW4, clientGW6     tcpip.Address
+	uplinkGW4, uplinkGW6     tcpip.Address
+	uplinkErr                chan error // a failure of the uplink ends Run
+	housekeepingPeriod       time.Duration
+	mu                       sync.Mutex // guards everything below
+	clients                  map[netip.Addr]*client
+	flows                    *conntrack
+	neighbours               [2]neighbour // uplink gateways: [0] IPv4, [1] IPv6
+	uplinkCounters           UplinkCounters
+	uplinkICMPLimit          tokenBucket // ICMP errors we send to the uplink
+	run                      *runState   // nil unless Run is active
+	ended                    bool        // Run has returned
+}
+
+// runState is what Run shares with the goroutines it starts.
+type runState struct {
+	ctx context.Context
+	wg  sync.WaitGroup
+}
+
+// port is one link with what the data path needs of it at hand.
+type port struct {
+	link     Link
+	mac      tcpip.LinkAddress
+	macBytes [header.EthernetAddressSize]byte
+	mtu      int
+	writeMu  sync.Mutex // serializes Write: several goroutines send to a port
+	client   *client    // nil for the uplink
+}
+
+func newPort(l Link, c *client) *port {
+	return &port{link: l, mac: tcpip.LinkAddress(l.MAC()), macBytes: [header.EthernetAddressSize]byte(l.MAC()), mtu: l.MTU(), client: c}
+}
+
+// New makes an engine for the given configuration, forwarding to uplink.
+// The engine owns the uplink and closes it when Run ends.
+func New(cfg Config, uplink Link) (*Engine, error) {
+	if !cfg.UplinkIP4.Is4() || !cfg.UplinkGateway4.Is4() || !cfg.ClientGateway4.Is4() {
+		return nil, fmt.Errorf("firewall: uplink address %v, uplink gateway %v and client gateway %v must all be IPv4",
+			cfg.UplinkIP4, cfg.UplinkGateway4, cfg.ClientGateway4)
+	}
+	if cfg.UplinkIP6.IsValid() && (!cfg.UplinkIP6.Is6() || !cfg.UplinkGateway6.Is6()) {
+		return nil, fmt.Errorf("firewall: uplink IPv6 %v needs an IPv6 gateway, have %v", cfg.UplinkIP6, cfg.UplinkGateway6)
+	}
+	if len(uplink.MAC()) != header.EthernetAddressSize {
+		return nil, fmt.Errorf("firewall: uplink MAC %v is not an Ethernet address", uplink.MAC())
+	}
+	if cfg.MaxFlows <= 0 {
+		cfg.MaxFlows = DefaultMaxFlows
+	}
+	if cfg.MaxFlowsPerClient <= 0 || cfg.MaxFlowsPerClient > cfg.MaxFlows {
+		cfg.MaxFlowsPerClient = max(1, cfg.MaxFlows/DefaultClientShareDivisor)
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Clock == nil {
+		cfg.Clock = time.Now
+	}
+	if cfg.Rand == nil {
+		cfg.Rand = rand.Reader
+	}
+	var seed [32]byte
+	if _, err := io.ReadFull(cfg.Rand, seed[:]); err != nil {
+		return nil, fmt.Errorf("firewall: seeding the NAT port generator: %w", err)
+	}
+	e := &Engine{
+		cfg:                cfg,
+		log:                cfg.Logger,
+		now:                cfg.Clock,
+		uplink:             newPort(uplink, nil),
+		uplinkAddr4:        tcpipAddr(cfg.UplinkIP4),
+		uplinkAddr6:        tcpipAddr(cfg.UplinkIP6),
+		clientGW4:          tcpipAddr(cfg.ClientGateway4),
+		clientGW6:          tcpipAddr(cfg.ClientGateway6),
+		uplinkGW4:          tcpipAddr(cfg.UplinkGateway4),
+		uplinkGW6:          tcpipAddr(cfg.UplinkGateway6),
+		uplinkErr:          make(chan error, 1),
+		housekeepingPeriod: time.Second,
+		clients:            make(map[netip.Addr]*client),
+		flows:              newConntrack(cfg.MaxFlows, cfg.MaxFlowsPerClient, seed),
+	}
+	frameSize := header.EthernetMinimumSize + e.uplink.mtu
+	e.neighbours[0] = newNeighbour(e.uplinkGW4, frameSize)
+	if e.uplinkAddr6.Len() != 0 {
+		e.neighbours[1] = newNeighbour(e.uplinkGW6, frameSize)
+	}
+	return e, nil
+}
+
+// tcpipAddr converts an address for gvisor's header views; the invalid
+// address becomes the empty one.
+func tcpipAddr(a netip.Addr) tcpip.Address {
+	if !a.IsValid() {
+		return tcpip.Address{}
+	}
+	return tcpip.AddrFromSlice(a.Unmap().AsSlice())
+}
+
+// AddClient attaches a client qube. The engine owns cfg.Link from now on.
+// Its traffic is rejected until SetRules gives it rules (fail closed).
+func (e *Engine) AddClient(cfg ClientConfig) error {
+	if !cfg.IP4.Is4() {
+		return fmt.Errorf("firewall: client %q: IPv4 address %v is required", cfg.Name, cfg.IP4)
+	}
+	if cfg.IP6.IsValid() && !cfg.IP6.Is6() {
+		return fmt.Errorf("firewall: client %q: %v is not an IPv6 address", cfg.Name, cfg.IP6)
+	}
+	if len(cfg.MAC) != header.EthernetAddressSize || cfg.Link == nil || len(cfg.Link.MAC()) != header.EthernetAddressSize {
+		return fmt.Errorf("firewall: client %q: needs an Ethernet MAC (have %v) and a link with one", cfg.Name, cfg.MAC)
+	}
+	c := newClient(cfg)
+	c.port = newPort(cfg.Link, c)
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	for _, a := range []netip.Addr{cfg.IP4, cfg.IP6} {
+		if a.IsValid() && e.clients[a] != nil {
+			return fmt.Errorf("firewall: client %q: address %v already belongs to client %q", cfg.Name, a, e.clients[a].name)
+		}
+	}
+	e.clients[cfg.IP4] = c
+	if cfg.IP6.IsValid() {
+		e.clients[cfg.IP6] = c
+	}
+	if e.run != nil {
+		e.startWorker(c.port)
+	}
+	e.log.Info("client added", "client", c.name, "ip", cfg.IP4, "ip6", cfg.IP6)
+	return nil
+}
+
+// RemoveClient detaches the client that has address ip (either family),
+// forgets its flows and closes its link. Removing an unknown client is a
+// no-op.
+func (e *Engine) RemoveClient(ip netip.Addr) {
+	e.mu.Lock()
+	c := e.clients[ip]
+	if c != nil {
+		e.removeClientLocked(c)
+	}
+	e.mu.Unlock()
+	if c != nil {
+		c.port.link.Close()
+		e.log.Info("client removed", "client", c.name, "ip", c.ip4)
+	}
+}
+
+func (e *Engine) removeClientLocked(c *client) {
+	delete(e.clients, c.ip4)
+	if c.ip6.IsValid() {
+		delete(e.clients, c.ip6)
+	}
+	e.flows.removeClient(c)
+	c.removed = true
+}
+
+// SetRules installs a client's rule set for the family of rs (atomically,
+// for new flows), then re-checks that client's existing flows of the family:
+// a flow the new rules reject is removed from the table, and for TCP the
+// client is sent a RST so that its application sees the cut at once (the
+// remote side is not told; its connection times out). rs == nil blocks the
+// family again. It fails if no client has address clientIP.
+func (e *Engine) SetRules(clientIP netip.Addr, rs *rules.Ruleset) error {
+	e.mu.Lock()
+	c := e.clients[clientIP]
+	if c == nil {
+		e.mu.Unlock()
+		return fmt.Errorf("firewall: rules for %v: no such client", clientIP)
+	}
+	family := rules.FamilyOf(clientIP)
+	if rs != nil {
+		family = rs.Family()
+	}
+	table := newRuleTable(rs)
+	c.rules(family).Store(table)
+	resets := e.flows.recheck(c, family, table, e.now().UnixNano())
+	e.mu.Unlock()
+	if rs != nil && rs.Blocked() {
+		e.log.Warn("rules failed to parse, blocking the client's traffic", "client", c.name, "family", family, "errors", rs.Errors())
+	}
+	e.log.Info("rules set", "client", c.name, "family", family, "cut", len(resets))
+	if len(resets) > 0 {
+		c.port.writeMu.Lock()
+		_, err := c.port.link.Write(resets)
+		c.port.writeMu.Unlock()
+		if err != nil {
+			e.log.Warn("sending RST for cut connections failed", "client", c.name, "err", err)
+		}
+	}
+	return nil
+}
+
+// Run forwards traffic until ctx is done or the uplink fails, with one
+// goroutine reading each link. A client link that fails removes only that
+// client. When Run returns, every link has been closed.
+func (e *Engine) Run(ctx context.Context) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	e.mu.Lock()
+	if e.run != nil || e.ended {
+		e.mu.Unlock()
+		return errors.New("firewall: Run called twice")
+	}
+	e.run = &runState{ctx: ctx}
+	e.startWorker(e.uplink)
+	for ip, c := range e.clients {
+		if ip == c.ip4 {
+			e.startWorker(c.port)
+		}
+	}
+	e.mu.Unlock()
+
+	e.resolveGateways()
+	ticker := time.NewTicker(e.housekeepingPeriod)
+	defer ticker.Stop()
+	var err error
+loop:
+	for {
+		select {
+		case <-ctx.Done():
+			break loop
+		case err = <-e.uplinkErr:
+			break loop
+		case <-ticker.C:
+			e.housekeeping()
+		}
+	}
+	e.mu.Lock()
+	run := e.run
+	e.ended = true
+	links := []Link{e.uplink.link}
+	for ip, c := range e.clients {
+		if ip == c.ip4 {
+			links = append(links, c.port.link)
+		}
+	}
+	e.mu.Unlock()
+	for _, l := range links {
+		l.Close()
+	}
+	run.wg.Wait()
+	return err
+}
+
+// housekeeping runs once per housekeepingPeriod: expire flows, retry
+// resolving the uplink gateways.
+func (e *Engine) housekeeping() {
+	e.mu.Lock()
+	e.flows.expire(e.now().UnixNano())
+	e.mu.Unlock()
+	e.resolveGateways()
+}
+
+// startWorker starts the goroutine that reads p. Caller holds e.mu.
+func (e *Engine) startWorker(p *port) {
+	run := e.run
+	run.wg.Add(1)
+	go func() {
+		defer run.wg.Done()
+		e.routineReadLink(run.ctx, p)
+	}()
+}
+
+// routineReadLink is one link's goroutine: read a batch, process every
+// frame, flush what the batch produced.
+func (e *Engine) routineReadLink(ctx context.Context, p *port) {
+	w := newWorker(e, p)
+	for {
+		n, err := p.link.Read(w.bufs, w.sizes)
+		if err != nil {
+			if p.client == nil {
+				if ctx.Err() == nil {
+					e.log.Error("reading the uplink failed", "err", err)
+					select {
+					case e.uplinkErr <- fmt.Errorf("firewall: reading the uplink: %w", err):
+					default:
+					}
+				}
+				return
+			}
+			if ctx.Err() == nil && !errors.Is(err, net.ErrClosed) {
+				e.log.Warn("client link failed, removing the client", "client", p.client.name, "err", err)
+			}
+			e.RemoveClient(p.client.ip4)
+			return
+		}
+		w.processBatch(n)
+	}
+}

@@ -1,0 +1,272 @@
+package firewall
+
+import (
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/checksum"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
+
+	"qfw/rules"
+)
+
+// Transport protocol numbers as packet.proto and flowKey.proto hold them.
+const (
+	protoTCP    = uint8(header.TCPProtocolNumber)
+	protoUDP    = uint8(header.UDPProtocolNumber)
+	protoICMPv4 = uint8(header.ICMPv4ProtocolNumber)
+	protoICMPv6 = uint8(header.ICMPv6ProtocolNumber)
+)
+
+// packet is the parsed form of one IP frame: typed views into the frame's
+// own bytes, filled once by parse and reused for every frame of a link.
+type packet struct {
+	frame   []byte // Ethernet header + IP packet, without link padding
+	eth     header.Ethernet
+	family  rules.Family
+	ip4     header.IPv4 // set when family is IPv4
+	ip6     header.IPv6 // set when family is IPv6
+	network []byte      // the IP packet
+	proto   uint8       // transport protocol (IPv6: the first next header)
+	l4      []byte      // transport header and payload
+	src     tcpip.Address
+	dst     tcpip.Address
+
+	srcPort, dstPort uint16 // TCP and UDP ports; ICMP echo identifier in both
+	icmpType         uint8
+	icmpCode         uint8
+	tcpFlags         header.TCPFlags
+}
+
+// parse fills p from an Ethernet frame carrying IPv4 or IPv6 and reports
+// whether the engine can handle it. It rejects, by policy:
+//   - IPv4 with a bad header checksum or inconsistent lengths;
+//   - IPv4 fragments (the firewall does not reassemble: a fragment has no
+//     ports to match rules and flows against, and Linux peers use path MTU
+//     discovery, so fragments are dropped and counted);
+//   - IPv6 whose first next header is not TCP, UDP or ICMPv6 (extension
+//     headers, including the fragment header, are not forwarded);
+//   - transports other than TCP, UDP and ICMP, and truncated transport
+//     headers.
+func (p *packet) parse(frame []byte) bool {
+	if len(frame) < header.EthernetMinimumSize {
+		return false
+	}
+	p.eth = header.Ethernet(frame)
+	payload := frame[header.EthernetMinimumSize:]
+	switch p.eth.Type() {
+	case header.IPv4ProtocolNumber:
+		ip := header.IPv4(payload)
+		if !ip.IsValid(len(payload)) || !ip.IsChecksumValid() {
+			return false
+		}
+		ip = ip[:ip.TotalLength()]
+		if ip.More() || ip.FragmentOffset() != 0 {
+			return false
+		}
+		p.family, p.ip4, p.ip6, p.network = rules.IPv4, ip, nil, ip
+		p.src, p.dst = ip.SourceAddress(), ip.DestinationAddress()
+		p.proto, p.l4 = ip.Protocol(), ip.Payload()
+	case header.IPv6ProtocolNumber:
+		ip := header.IPv6(payload)
+		if !ip.IsValid(len(payload)) {
+			return false
+		}
+		ip = ip[:header.IPv6MinimumSize+int(ip.PayloadLength())]
+		p.family, p.ip4, p.ip6, p.network = rules.IPv6, nil, ip, ip
+		p.src, p.dst = ip.SourceAddress(), ip.DestinationAddress()
+		p.proto, p.l4 = ip.NextHeader(), ip.Payload()
+	default:
+		return false
+	}
+	p.frame = frame[:header.EthernetMinimumSize+len(p.network)]
+	return p.parseTransport()
+}
+
+// parseTransport fills the transport fields from p.l4.
+func (p *packet) parseTransport() bool {
+	p.srcPort, p.dstPort, p.icmpType, p.icmpCode, p.tcpFlags = 0, 0, 0, 0, 0
+	switch p.proto {
+	case protoTCP:
+		tcp := header.TCP(p.l4)
+		if len(tcp) < header.TCPMinimumSize || int(tcp.DataOffset()) < header.TCPMinimumSize || int(tcp.DataOffset()) > len(tcp) {
+			return false
+		}
+		p.srcPort, p.dstPort, p.tcpFlags = tcp.SourcePort(), tcp.DestinationPort(), tcp.Flags()
+	case protoUDP:
+		udp := header.UDP(p.l4)
+		if len(udp) < header.UDPMinimumSize || int(udp.Length()) != len(udp) {
+			return false
+		}
+		p.srcPort, p.dstPort = udp.SourcePort(), udp.DestinationPort()
+	case protoICMPv4:
+		if p.family != rules.IPv4 || len(p.l4) < header.ICMPv4MinimumSize {
+			return false
+		}
+		icmp := header.ICMPv4(p.l4)
+		p.icmpType, p.icmpCode = uint8(icmp.Type()), uint8(icmp.Code())
+		if icmp.Type() == header.ICMPv4Echo || icmp.Type() == header.ICMPv4EchoReply {
+			p.srcPort, p.dstPort = icmp.Ident(), icmp.Ident()
+		}
+	case protoICMPv6:
+		if p.family != rules.IPv6 || len(p.l4) < header.ICMPv6MinimumSize {
+			return false
+		}
+		icmp := header.ICMPv6(p.l4)
+		p.icmpType, p.icmpCode = uint8(icmp.Type()), uint8(icmp.Code())
+		if icmp.Type() == header.ICMPv6EchoRequest || icmp.Type() == header.ICMPv6EchoReply {
+			p.srcPort, p.dstPort = icmp.Ident(), icmp.Ident()
+		}
+	default:
+		return false
+	}
+	return true
+}
+
+// isEcho reports whether p is an ICMP echo request (want request) or reply.
+func (p *packet) isEcho(request bool) bool {
+	switch p.proto {
+	case protoICMPv4:
+		return header.ICMPv4Type(p.icmpType) == header.ICMPv4Echo && request ||
+			header.ICMPv4Type(p.icmpType) == header.ICMPv4EchoReply && !request
+	case protoICMPv6:
+		return header.ICMPv6Type(p.icmpType) == header.ICMPv6EchoRequest && request ||
+			header.ICMPv6Type(p.icmpType) == header.ICMPv6EchoReply && !request
+	}
+	return false
+}
+
+// isICMPError reports whether p is an ICMP error the firewall relays:
+// unreachable (including fragmentation needed / packet too big), time
+// exceeded and parameter problem.
+func (p *packet) isICMPError() bool {
+	switch p.proto {
+	case protoICMPv4:
+		switch header.ICMPv4Type(p.icmpType) {
+		case header.ICMPv4DstUnreachable, header.ICMPv4TimeExceeded, header.ICMPv4ParamProblem:
+			return true
+		}
+	case protoICMPv6:
+		return header.ICMPv6Type(p.icmpType).IsErrorType()
+	}
+	return false
+}
+
+// ttl is the IPv4 TTL or the IPv6 hop limit.
+func (p *packet) ttl() uint8 {
+	if p.family == rules.IPv4 {
+		return p.ip4.TTL()
+	}
+	return p.ip6.HopLimit()
+}
+
+// decrementTTL lowers the TTL (hop limit) by one as a router must, updating
+// the IPv4 header checksum incrementally (RFC 1624: the TTL shares a 16-bit
+// word with the protocol).
+func (p *packet) decrementTTL() {
+	if p.family == rules.IPv6 {
+		p.ip6.SetHopLimit(p.ip6.HopLimit() - 1)
+		return
+	}
+	old := uint16(p.ip4.TTL())<<8 | uint16(p.ip4.Protocol())
+	p.ip4.SetTTL(p.ip4.TTL() - 1)
+	xsum := checksum.Combine(^p.ip4.Checksum(), ^old)
+	p.ip4.SetChecksum(^checksum.Combine(xsum, old-1<<8))
+}
+
+// dontFragment reports whether the packet may not be fragmented on the way
+// (always for IPv6).
+func (p *packet) dontFragment() bool {
+	return p.family == rules.IPv6 || p.ip4.Flags()&header.IPv4FlagDontFragment != 0
+}
+
+// isMulticast reports whether p's destination is a broadcast or multicast
+// address (which the firewall never forwards).
+func (p *packet) isMulticast() bool {
+	if p.family == rules.IPv4 {
+		return header.IsV4MulticastAddress(p.dst) || p.dst == header.IPv4Broadcast
+	}
+	return header.IsV6MulticastAddress(p.dst)
+}
+
+// rewriteSource replaces the source address and port (ICMP echo: the
+// identifier) of p, updating every checksum incrementally.
+func (p *packet) rewriteSource(addr tcpip.Address, port uint16) {
+	p.rewrite(addr, port, true)
+}
+
+// rewriteDestination replaces the destination address and port (ICMP echo:
+// the identifier) of p, updating every checksum incrementally.
+func (p *packet) rewriteDestination(addr tcpip.Address, port uint16) {
+	p.rewrite(addr, port, false)
+}
+
+func (p *packet) rewrite(addr tcpip.Address, port uint16, source bool) {
+	old := p.dst
+	if source {
+		old = p.src
+	}
+	switch p.proto {
+	case protoTCP:
+		tcp := header.TCP(p.l4)
+		switch {
+		case len(tcp) < header.TCPChecksumOffset+2: // quoted in an ICMP error without its checksum
+			tcp.SetSourcePort(port)
+		case source:
+			tcp.UpdateChecksumPseudoHeaderAddress(old, addr, true)
+			tcp.SetSourcePortWithChecksumUpdate(port)
+		default:
+			tcp.UpdateChecksumPseudoHeaderAddress(old, addr, true)
+			tcp.SetDestinationPortWithChecksumUpdate(port)
+		}
+	case protoUDP:
+		udp := header.UDP(p.l4)
+		udp.UpdateChecksumPseudoHeaderAddress(old, addr, true)
+		if source {
+			udp.SetSourcePortWithChecksumUpdate(port)
+		} else {
+			udp.SetDestinationPortWithChecksumUpdate(port)
+		}
+	case protoICMPv4:
+		header.ICMPv4(p.l4).SetIdentWithChecksumUpdate(port)
+	case protoICMPv6:
+		icmp := header.ICMPv6(p.l4)
+		icmp.UpdateChecksumPseudoHeaderAddress(old, addr)
+		icmp.SetIdentWithChecksumUpdate(port)
+	}
+	switch {
+	case p.family == rules.IPv4 && source:
+		p.ip4.SetSourceAddressWithChecksumUpdate(addr)
+	case p.family == rules.IPv4:
+		p.ip4.SetDestinationAddressWithChecksumUpdate(addr)
+	case source:
+		p.ip6.SetSourceAddress(addr)
+	default:
+		p.ip6.SetDestinationAddress(addr)
+	}
+	if source {
+		p.src, p.srcPort = addr, port
+	} else {
+		p.dst, p.dstPort = addr, port
+	}
+}
+
+// setEthernet addresses the frame from src to dst.
+func (p *packet) setEthernet(dst, src *[header.EthernetAddressSize]byte) {
+	copy(p.frame[0:], dst[:])
+	copy(p.frame[header.EthernetAddressSize:], src[:])
+}
+
+// flowKey is p's key as seen from the client (orig, fromClient) or as
+// returned by the uplink (reply).
+func (p *packet) flowKey(fromClient bool) flowKey {
+	k := flowKey{proto: p.proto, family: p.family}
+	if fromClient {
+		copy(k.local[:], p.src.AsSlice())
+		copy(k.remote[:], p.dst.AsSlice())
+		k.localPort, k.remotePort = p.srcPort, p.dstPort
+	} else {
+		copy(k.local[:], p.dst.AsSlice())
+		copy(k.remote[:], p.src.AsSlice())
+		k.localPort, k.remotePort = p.dstPort, p.srcPort
+	}
+	return k
+}
