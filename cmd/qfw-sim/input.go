@@ -102,6 +102,16 @@ func loadRules(name string, stdin io.Reader, opt rules.Options) (*ruleSource, er
 	if err != nil {
 		return nil, err
 	}
+	if tree, ok := trees[netip.Addr{}]; ok {
+		if len(trees) > 1 {
+			return nil, fmt.Errorf("%s: mixes a bare rule tree (policy, NNNN keys) with client addresses", displayName(name))
+		}
+		opt.Family = rules.IPv4
+		src.raw4 = rules.ParseEntries(tree, opt)
+		opt.Family = rules.IPv6
+		src.raw6 = rules.ParseEntries(tree, opt)
+		return src, nil
+	}
 	src.clients = make(map[netip.Addr]*rules.Ruleset, len(trees))
 	src.order = order
 	for _, ip := range order {
@@ -127,6 +137,8 @@ func isQubesDBDump(text string) bool {
 // parseDump reads what `qubesdb-multiread /qubes-firewall/` prints (paths
 // relative to that directory) or the same with full paths (-f). Entries
 // outside /qubes-firewall/ are ignored, so a dump of the whole database works.
+// A dump of a single tree ("policy = drop", "0000 = ...") is returned under
+// the zero address.
 func parseDump(name, text string) (map[netip.Addr][]rules.Entry, []netip.Addr, error) {
 	trees := map[netip.Addr][]rules.Entry{}
 	var order []netip.Addr
@@ -150,7 +162,13 @@ func parseDump(name, text string) (map[netip.Addr][]rules.Entry, []netip.Addr, e
 		}
 		ipText, key, _ := strings.Cut(path, "/")
 		ip, err := netip.ParseAddr(ipText)
-		if err != nil || ip.Zone() != "" {
+		switch {
+		case err == nil && ip.Zone() == "":
+		case !strings.Contains(path, "/") && (path == "policy" || len(path) == 4):
+			// One client's tree dumped on its own
+			// (qubesdb-multiread /qubes-firewall/<ip>/): whoever sends.
+			ip, key = netip.Addr{}, path
+		default:
 			return nil, nil, fmt.Errorf("%s:%d: %q is not a client address", displayName(name), line, ipText)
 		}
 		if _, seen := trees[ip]; !seen {

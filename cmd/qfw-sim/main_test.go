@@ -109,6 +109,21 @@ func TestFlagsAnywhereAndUnquotedFlows(t *testing.T) {
 	assert.Nil(t, lines[1].Rule)
 }
 
+func TestSingleTreeDump(t *testing.T) {
+	tree := "0000 = action=accept proto=tcp dstports=443-443\npolicy = drop\n0001 = action=accept dst6=2001:db8::/32\n"
+	code, out, errOut := runSim(t, tree, "eval", "-json", "-", "tcp 10.137.0.5 -> 1.1.1.1:443", "tcp [fd09::5]:1 -> [2001:db8::1]:80")
+	require.Equal(t, 0, code, errOut)
+	lines := decodeLines(t, out)
+	require.Len(t, lines, 2)
+	// A dst6 rule in a tree read as IPv4 is an error, as in the agent;
+	// read as IPv6 the same tree is valid.
+	assert.Equal(t, "drop", lines[0].Verdict)
+	assert.Contains(t, lines[0].Reason, "IPv6 destination in the IPv4 rule set")
+	assert.Equal(t, "accept", lines[1].Verdict)
+	require.NotNil(t, lines[1].Rule)
+	assert.Equal(t, 1, *lines[1].Rule)
+}
+
 func TestEvalText(t *testing.T) {
 	code, out, _ := runSim(t, "", "eval", examples+"dns-https-only.rules", "udp 10.137.0.5 -> 10.139.1.1:53", "tcp 10.137.0.5 -> 1.1.1.1:80")
 	require.Equal(t, 0, code)
