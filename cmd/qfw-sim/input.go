@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net"
@@ -219,25 +220,69 @@ func (h *hostsResolver) LookupHost(host string, family rules.Family) ([]netip.Ad
 	return addrs, nil
 }
 
-// loadHosts reads a hosts file: "ADDRESS NAME..." lines, '#' comments.
+// loadHosts reads a name table for dsthost rules. Accepted forms, one entry
+// a line with '#' comments: /etc/hosts style "ADDRESS NAME...", or
+// "NAME ADDRESS..." (also "NAME: ADDR, ADDR" or "NAME = ADDR"); or a JSON
+// object mapping a name to an address or a list of addresses.
 func loadHosts(name string, stdin io.Reader) (rules.StaticResolver, error) {
 	text, err := readInput(name, stdin)
 	if err != nil {
 		return nil, err
 	}
 	out := rules.StaticResolver{}
+	add := func(host, addr string) error {
+		a, err := netip.ParseAddr(addr)
+		if err != nil {
+			return fmt.Errorf("%q is not an address", addr)
+		}
+		host = strings.ToLower(strings.TrimSuffix(host, "."))
+		out[host] = append(out[host], a.Unmap())
+		return nil
+	}
+	if strings.HasPrefix(strings.TrimSpace(text), "{") {
+		var table map[string]json.RawMessage
+		if err := json.Unmarshal([]byte(text), &table); err != nil {
+			return nil, fmt.Errorf("%s: %v", displayName(name), err)
+		}
+		for host, raw := range table {
+			var list []string
+			if json.Unmarshal(raw, &list) != nil {
+				var one string
+				if err := json.Unmarshal(raw, &one); err != nil {
+					return nil, fmt.Errorf("%s: %q: want an address or a list of addresses", displayName(name), host)
+				}
+				list = []string{one}
+			}
+			for _, a := range list {
+				if err := add(host, a); err != nil {
+					return nil, fmt.Errorf("%s: %q: %v", displayName(name), host, err)
+				}
+			}
+		}
+		return out, nil
+	}
 	for i, line := range strings.Split(text, "\n") {
 		line, _, _ = strings.Cut(line, "#")
-		fields := strings.Fields(line)
+		fields := strings.FieldsFunc(line, func(r rune) bool { return r == ' ' || r == '\t' || r == ',' || r == '=' })
 		if len(fields) == 0 {
 			continue
 		}
-		addr, err := netip.ParseAddr(fields[0])
-		if err != nil || len(fields) < 2 {
-			return nil, fmt.Errorf("%s:%d: want \"ADDRESS NAME...\"", displayName(name), i+1)
+		if len(fields) < 2 {
+			return nil, fmt.Errorf("%s:%d: want \"ADDRESS NAME...\" or \"NAME ADDRESS...\"", displayName(name), i+1)
 		}
-		for _, host := range fields[1:] {
-			out[strings.ToLower(host)] = append(out[strings.ToLower(host)], addr.Unmap())
+		first := strings.TrimSuffix(fields[0], ":")
+		if _, err := netip.ParseAddr(first); err == nil {
+			for _, host := range fields[1:] {
+				if err := add(host, first); err != nil {
+					return nil, fmt.Errorf("%s:%d: %v", displayName(name), i+1, err)
+				}
+			}
+			continue
+		}
+		for _, a := range fields[1:] {
+			if err := add(first, a); err != nil {
+				return nil, fmt.Errorf("%s:%d: %v", displayName(name), i+1, err)
+			}
 		}
 	}
 	return out, nil

@@ -124,6 +124,31 @@ func TestSingleTreeDump(t *testing.T) {
 	assert.Equal(t, 1, *lines[1].Rule)
 }
 
+func TestHostsForms(t *testing.T) {
+	dir := t.TempDir()
+	forms := map[string]string{
+		"etc-hosts": "198.51.100.25 mail.example.com mx.example.com\n2001:db8::25 mail.example.com\n",
+		"name-list": "mail.example.com 198.51.100.25 2001:db8::25\nmx.example.com: 198.51.100.25\n",
+		"name-eq":   "mail.example.com = 198.51.100.25, 2001:db8::25\nmx.example.com=198.51.100.25\n",
+		"json":      `{"mail.example.com": ["198.51.100.25", "2001:db8::25"], "mx.example.com": "198.51.100.25"}`,
+	}
+	rules := "action=accept dsthost=mail.example.com\naction=accept dsthost=mx.example.com proto=tcp\n"
+	for name, text := range forms {
+		path := filepath.Join(dir, name)
+		require.NoError(t, os.WriteFile(path, []byte(text), 0o644))
+		code, out, errOut := runSim(t, rules, "eval", "-json", "-hosts", path, "-",
+			"tcp 10.137.0.5 -> 198.51.100.25:25", "tcp [fd09::5]:1 -> [2001:db8::25]:25", "tcp 10.137.0.5 -> 198.51.100.26:25")
+		require.Equal(t, 0, code, "%s: %s", name, errOut)
+		lines := decodeLines(t, out)
+		require.Len(t, lines, 3)
+		assert.Equal(t, "accept", lines[0].Verdict, name)
+		// mx.example.com has no IPv6 address: the IPv6 tree fails closed.
+		assert.Equal(t, "drop", lines[1].Verdict, name)
+		assert.Contains(t, lines[1].Reason, "no IPv6 address for mx.example.com", name)
+		assert.Equal(t, "drop", lines[2].Verdict, name)
+	}
+}
+
 func TestEvalText(t *testing.T) {
 	code, out, _ := runSim(t, "", "eval", examples+"dns-https-only.rules", "udp 10.137.0.5 -> 10.139.1.1:53", "tcp 10.137.0.5 -> 1.1.1.1:80")
 	require.Equal(t, 0, code)
