@@ -15,6 +15,7 @@ import (
 func compileRule(r *Rule, opts map[string]string, raw bool, opt *Options, errf func(tok, why string)) {
 	tok := func(key string) string { return key + "=" + opts[key] }
 	r.ICMPType = -1
+	r.Comment = opts["comment"]
 
 	switch v, ok := opts["action"]; {
 	case !ok:
@@ -100,7 +101,6 @@ func compileRule(r *Rule, opts map[string]string, raw bool, opt *Options, errf f
 			}
 		}
 	}
-	r.Comment = opts["comment"]
 }
 
 func portsToken(opts map[string]string) string {
