@@ -4,10 +4,13 @@ import (
 	"net"
 	"net/netip"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
+
+	"qfw/rules"
 )
 
 func TestClientARPForGatewayIsAnsweredButNotForItself(t *testing.T) {
@@ -128,4 +131,257 @@ func TestTCPConnectionIsNATedBothWaysWithValidChecksums(t *testing.T) {
 			assert.Equal(t, uint64(len(data.network)+len(in.network)+len(out.network)), rulesOfFamily[0].Bytes)
 		})
 	}
+}
+
+func TestDroppedFlowIsRejectedWithAdminProhibited(t *testing.T) {
+	for _, tc := range []struct {
+		name               string
+		client, gw         netip.Addr
+		wantType, wantCode uint8
+	}{
+		{"IPv4", clientAIP, uplinkIP, uint8(header.ICMPv4DstUnreachable), uint8(header.ICMPv4AdminProhibited)},
+		{"IPv6", clientA6, uplinkIP6, uint8(header.ICMPv6DstUnreachable), uint8(header.ICMPv6Prohibited)},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			b := newBed(t, testConfig())
+			b.addClient("a", clientAIP, clientA6, "action=accept proto=udp", "action=drop proto=tcp dstports=443-443")
+			syn := clientTCP(tc.client, 40000, header.TCPFlagSyn, 100, 0, "")
+			b.fromClient(clientAIP, syn)
+			assert.Empty(t, b.toUplink())
+			d := one(t, b.toClient(clientAIP))
+			assert.Equal(t, tc.gw, d.srcAddr, "rejects come from the client's gateway")
+			assert.Equal(t, tc.client, d.dstAddr)
+			assert.Equal(t, tc.wantType, d.icmpType)
+			assert.Equal(t, tc.wantCode, d.icmpCode)
+			q := quoted(t, d)
+			assert.Equal(t, uint16(40000), q.srcPort)
+			assert.Equal(t, uint16(443), q.dstPort)
+			assert.Equal(t, syn[header.EthernetMinimumSize:], []byte(q.network), "the whole small packet is quoted")
+
+			cc := b.e.Counters().Clients[0]
+			assert.Equal(t, uint64(1), cc.Rejected)
+			assert.Equal(t, 0, cc.Flows)
+			rs := cc.Rules4
+			if tc.client.Is6() {
+				rs = cc.Rules6
+			}
+			assert.Equal(t, uint64(1), rs[1].Rejected, "counted on the drop rule")
+			assert.Equal(t, 1, rs[1].Number)
+			assert.Equal(t, "action=drop proto=tcp dstports=443-443", rs[1].Text)
+		})
+	}
+}
+
+func TestRejectsAreRateLimited(t *testing.T) {
+	b := newBed(t, testConfig())
+	b.addClient("a", clientAIP, netip.Addr{}, "action=drop")
+	sent := 0
+	for range 3 * icmpErrorBurst / DefaultBatchSize * 2 {
+		batch := make([][]byte, DefaultBatchSize)
+		for i := range batch {
+			batch[i] = clientTCP(clientAIP, uint16(1000+i), header.TCPFlagSyn, 1, 0, "")
+		}
+		b.fromClient(clientAIP, batch...)
+		sent += len(b.toClient(clientAIP))
+	}
+	assert.Equal(t, icmpErrorBurst, sent, "a burst, then nothing while time stands still")
+	b.advance(time.Second)
+	b.fromClient(clientAIP, clientTCP(clientAIP, 999, header.TCPFlagSyn, 1, 0, ""))
+	assert.Len(t, b.toClient(clientAIP), 1, "tokens come back with time")
+}
+
+func TestClientWithoutRulesIsBlocked(t *testing.T) {
+	b := newBed(t, testConfig())
+	b.addClient("a", clientAIP, clientA6)
+	b.fromClient(clientAIP, clientTCP(clientAIP, 40000, header.TCPFlagSyn, 1, 0, ""))
+	b.fromClient(clientAIP, clientTCP(clientA6, 40000, header.TCPFlagSyn, 1, 0, ""))
+	assert.Empty(t, b.toUplink())
+	assert.Len(t, b.toClient(clientAIP), 2, "both families rejected")
+
+	rs := rules.ParseQubesDB(map[string]string{"policy": "drop", "0000": "action=accept dsthost=example.com"}, rules.Options{Family: rules.IPv4})
+	require.True(t, rs.Blocked())
+	require.NoError(t, b.e.SetRules(clientAIP, rs))
+	b.fromClient(clientAIP, clientTCP(clientAIP, 40001, header.TCPFlagSyn, 1, 0, ""))
+	assert.Empty(t, b.toUplink(), "rules that fail to parse block everything")
+	assert.Equal(t, uint64(3), b.e.Counters().Clients[0].Rejected)
+	require.Error(t, b.e.SetRules(clientBIP, rs), "unknown client")
+}
+
+func TestSpoofedBroadcastAndClientToClientAreDropped(t *testing.T) {
+	b := newBed(t, testConfig())
+	b.addClient("a", clientAIP, netip.Addr{}, "action=accept")
+	b.addClient("b", clientBIP, netip.Addr{}, "action=accept")
+	spoofed := clientTCP(clientBIP, 40000, header.TCPFlagSyn, 1, 0, "")
+	dhcp := ipPacket{srcMAC: clientMAC, dstMAC: broadcast, src: addr("0.0.0.0"), dst: addr("255.255.255.255"), proto: protoUDP, sport: 68, dport: 67, payload: make([]byte, 300)}.frame()
+	bcastIP := ipPacket{srcMAC: clientMAC, dstMAC: GatewayMAC, src: clientAIP, dst: addr("255.255.255.255"), proto: protoUDP, sport: 5000, dport: 5000}.frame()
+	mdns := ipPacket{srcMAC: clientMAC, dstMAC: net.HardwareAddr{0x01, 0, 0x5e, 0, 0, 0xfb}, src: clientAIP, dst: addr("224.0.0.251"), proto: protoUDP, sport: 5353, dport: 5353}.frame()
+	toB := ipPacket{srcMAC: clientMAC, dstMAC: GatewayMAC, src: clientAIP, dst: clientBIP, proto: protoUDP, sport: 5000, dport: 5000}.frame()
+	ipv6WithoutAddress := clientTCP(clientA6, 40000, header.TCPFlagSyn, 1, 0, "")
+	b.fromClient(clientAIP, spoofed, dhcp, bcastIP, mdns, toB, ipv6WithoutAddress)
+	assert.Empty(t, b.toUplink())
+	assert.Empty(t, b.toClient(clientAIP))
+	assert.Empty(t, b.toClient(clientBIP))
+	assert.Equal(t, uint64(6), b.e.Counters().Clients[0].Dropped)
+}
+
+func TestPingsToTheFirewallAreAnswered(t *testing.T) {
+	b := newBed(t, testConfig())
+	b.addClient("a", clientAIP, clientA6)
+	b.fromClient(clientAIP, ipPacket{srcMAC: clientMAC, dstMAC: GatewayMAC, src: clientAIP, dst: uplinkIP, proto: protoICMPv4, icmpType: uint8(header.ICMPv4Echo), id: 7, payload: []byte("ping")}.frame())
+	d := one(t, b.toClient(clientAIP))
+	assert.Equal(t, uint8(header.ICMPv4EchoReply), d.icmpType)
+	assert.Equal(t, uplinkIP, d.srcAddr)
+	assert.Equal(t, clientAIP, d.dstAddr)
+	assert.Equal(t, "ping", string(header.ICMPv4(d.l4).Payload()))
+
+	b.fromClient(clientAIP, ipPacket{srcMAC: clientMAC, dstMAC: GatewayMAC, src: clientA6, dst: uplinkIP6, proto: protoICMPv6, icmpType: uint8(header.ICMPv6EchoRequest), id: 7, payload: []byte("ping6")}.frame())
+	d = one(t, b.toClient(clientAIP))
+	assert.Equal(t, uint8(header.ICMPv6EchoReply), d.icmpType)
+
+	// Other traffic to the gateway is rejected with host-prohibited.
+	b.fromClient(clientAIP, ipPacket{srcMAC: clientMAC, dstMAC: GatewayMAC, src: clientAIP, dst: uplinkIP, proto: protoTCP, sport: 1, dport: 22, flags: header.TCPFlagSyn}.frame())
+	d = one(t, b.toClient(clientAIP))
+	assert.Equal(t, uint8(header.ICMPv4HostProhibited), d.icmpCode)
+
+	// From the uplink.
+	b.fromUplink(ipPacket{srcMAC: sysnetMAC, dstMAC: uplinkMAC, src: sysnetIP, dst: uplinkIP, proto: protoICMPv4, icmpType: uint8(header.ICMPv4Echo), id: 9}.frame())
+	d = one(t, b.toUplink())
+	assert.Equal(t, uint8(header.ICMPv4EchoReply), d.icmpType)
+	assert.Equal(t, sysnetIP, d.dstAddr)
+	assert.Equal(t, sysnetMAC, net.HardwareAddr(d.eth.DestinationAddress()))
+}
+
+func TestUplinkTrafficOutsideFlowsIsDropped(t *testing.T) {
+	b := newBed(t, testConfig())
+	b.addClient("a", clientAIP, netip.Addr{}, "action=accept")
+	b.fromUplink(
+		remoteTCP(uplinkIP, 40000, header.TCPFlagSyn, 1, 0, ""), // inbound connection
+		ipPacket{srcMAC: sysnetMAC, dstMAC: uplinkMAC, src: remoteIP, dst: clientAIP, proto: protoUDP, sport: 53, dport: 5000}.frame(),
+		ipPacket{srcMAC: sysnetMAC, dstMAC: broadcast, src: remoteIP, dst: addr("255.255.255.255"), proto: protoUDP, sport: 67, dport: 68}.frame(),
+	)
+	assert.Empty(t, b.toClient(clientAIP))
+	assert.Empty(t, b.toUplink())
+	assert.Equal(t, uint64(3), b.e.Counters().Uplink.Dropped)
+}
+
+func TestTTLExpiryAndOversizedPacketsGetICMPErrors(t *testing.T) {
+	b := newBed(t, testConfig())
+	b.addClient("a", clientAIP, clientA6, "action=accept")
+	probe := ipPacket{srcMAC: clientMAC, dstMAC: GatewayMAC, src: clientAIP, dst: remoteIP, ttl: 1, proto: protoUDP, sport: 33434, dport: 33434}.frame()
+	b.fromClient(clientAIP, probe)
+	d := one(t, b.toClient(clientAIP))
+	assert.Equal(t, uint8(header.ICMPv4TimeExceeded), d.icmpType)
+	assert.Equal(t, uplinkIP, d.srcAddr, "traceroute shows the firewall")
+	assert.Empty(t, b.toUplink())
+
+	big := ipPacket{srcMAC: clientMAC, dstMAC: GatewayMAC, src: clientAIP, dst: remoteIP, df: true, proto: protoUDP, sport: 5000, dport: 5000, payload: make([]byte, 1600)}
+	bigFrame := big.frame()
+	w := b.clients[clientAIP].w
+	w.bufs[0] = make([]byte, 2048) // a link with a larger MTU than the uplink's
+	b.fromClient(clientAIP, bigFrame)
+	d = one(t, b.toClient(clientAIP))
+	assert.Equal(t, uint8(header.ICMPv4DstUnreachable), d.icmpType)
+	assert.Equal(t, uint8(header.ICMPv4FragmentationNeeded), d.icmpCode)
+	assert.Equal(t, uint16(DefaultMTU), header.ICMPv4(d.l4).MTU())
+	assert.Len(t, d.network, icmpv4ErrorMax, "quotes up to 576 bytes")
+
+	big.df = false
+	b.fromClient(clientAIP, big.frame())
+	assert.Empty(t, b.toClient(clientAIP), "oversized without DF: dropped (no fragmentation)")
+	assert.Empty(t, b.toUplink())
+
+	big6 := ipPacket{srcMAC: clientMAC, dstMAC: GatewayMAC, src: clientA6, dst: remoteIP6, proto: protoUDP, sport: 5000, dport: 5000, payload: make([]byte, 1600)}
+	b.fromClient(clientAIP, big6.frame())
+	d = one(t, b.toClient(clientAIP))
+	assert.Equal(t, uint8(header.ICMPv6PacketTooBig), d.icmpType)
+	assert.Equal(t, uint32(DefaultMTU), header.ICMPv6(d.l4).MTU())
+	assert.Len(t, d.network, header.IPv6MinimumMTU)
+}
+
+func TestFragmentsAreDropped(t *testing.T) {
+	b := newBed(t, testConfig())
+	b.addClient("a", clientAIP, netip.Addr{}, "action=accept")
+	first := ipPacket{srcMAC: clientMAC, dstMAC: GatewayMAC, src: clientAIP, dst: remoteIP, proto: protoUDP, sport: 5000, dport: 53, moreFragments: true, payload: make([]byte, 64)}
+	later := first
+	later.moreFragments, later.fragOffset = false, 9
+	b.fromClient(clientAIP, first.frame(), later.frame())
+	assert.Empty(t, b.toUplink())
+	assert.Equal(t, uint64(2), b.e.Counters().Clients[0].Dropped)
+}
+
+func TestUDPAndDNSFlowsAndTheirTimeouts(t *testing.T) {
+	b := newBed(t, testConfig())
+	b.addClient("a", clientAIP, netip.Addr{}, "action=accept specialtarget=dns")
+	query := ipPacket{srcMAC: clientMAC, dstMAC: GatewayMAC, src: clientAIP, dst: dnsIP, proto: protoUDP, sport: 5353, dport: 53, payload: []byte("query")}
+	b.fromClient(clientAIP, query.frame())
+	out := one(t, b.toUplink())
+	assert.Equal(t, dnsIP, out.dstAddr, "DNS goes to the uplink unchanged; sys-net redirects it")
+	answer := ipPacket{srcMAC: sysnetMAC, dstMAC: uplinkMAC, src: dnsIP, dst: uplinkIP, proto: protoUDP, sport: 53, dport: out.srcPort, payload: []byte("answer")}
+	b.fromUplink(answer.frame())
+	in := one(t, b.toClient(clientAIP))
+	assert.Equal(t, uint16(5353), in.dstPort)
+	assert.Equal(t, "answer", string(header.UDP(in.l4).Payload()))
+	assert.Equal(t, udpReplied, b.onlyFlow().state)
+
+	// Other UDP is rejected by the rules.
+	other := query
+	other.dst = remoteIP
+	b.fromClient(clientAIP, other.frame())
+	assert.Empty(t, b.toUplink())
+	assert.Len(t, b.toClient(clientAIP), 1)
+
+	b.advance(flowTimeouts[udpReplied] - time.Second)
+	b.fromUplink(answer.frame())
+	assert.Len(t, b.toClient(clientAIP), 1, "still alive before the timeout")
+	b.advance(flowTimeouts[udpReplied] + time.Second)
+	b.fromUplink(answer.frame())
+	assert.Empty(t, b.toClient(clientAIP), "expired")
+	assert.Equal(t, 0, b.e.Counters().Flows)
+}
+
+func TestUnrepliedUDPExpiresAfter30Seconds(t *testing.T) {
+	b := newBed(t, testConfig())
+	b.addClient("a", clientAIP, netip.Addr{}, "action=accept")
+	b.fromClient(clientAIP, ipPacket{srcMAC: clientMAC, dstMAC: GatewayMAC, src: clientAIP, dst: remoteIP, proto: protoUDP, sport: 5000, dport: 9}.frame())
+	require.Len(t, b.toUplink(), 1)
+	b.advance(31 * time.Second)
+	b.e.housekeeping()
+	assert.Equal(t, 0, b.e.Counters().Flows)
+}
+
+func TestTCPTeardownShortensTheTimeout(t *testing.T) {
+	b := newBed(t, testConfig())
+	b.addClient("a", clientAIP, netip.Addr{}, "action=accept")
+	b.fromClient(clientAIP, clientTCP(clientAIP, 40000, header.TCPFlagSyn, 100, 0, ""))
+	nat := one(t, b.toUplink()).srcPort
+	b.fromUplink(remoteTCP(uplinkIP, nat, header.TCPFlagSyn|header.TCPFlagAck, 5000, 101, ""))
+	b.fromClient(clientAIP, clientTCP(clientAIP, 40000, header.TCPFlagAck, 101, 5001, ""))
+	f := b.onlyFlow()
+	require.Equal(t, tcpEstablished, f.state)
+	assert.Equal(t, b.now.Load()+int64(432000*time.Second), f.expires, "Linux's five days")
+
+	b.fromClient(clientAIP, clientTCP(clientAIP, 40000, header.TCPFlagFin|header.TCPFlagAck, 101, 5001, ""))
+	assert.Equal(t, tcpFinWait, f.state)
+	b.fromUplink(remoteTCP(uplinkIP, nat, header.TCPFlagFin|header.TCPFlagAck, 5001, 102, ""))
+	assert.Equal(t, tcpTimeWait, f.state)
+	b.fromClient(clientAIP, clientTCP(clientAIP, 40000, header.TCPFlagAck, 102, 5002, ""))
+	assert.Len(t, b.toUplink(), 3)
+	assert.Len(t, b.toClient(clientAIP), 2)
+
+	// A new SYN on the same ports starts a new flow with a new NAT port.
+	b.fromClient(clientAIP, clientTCP(clientAIP, 40000, header.TCPFlagSyn, 9000, 0, ""))
+	assert.Equal(t, tcpSynSent, b.onlyFlow().state)
+	require.Len(t, b.toUplink(), 1)
+
+	b.advance(flowTimeouts[tcpSynSent] + time.Second)
+	b.e.housekeeping()
+	assert.Equal(t, 0, b.e.Counters().Flows)
+}
+
+func TestMidConnectionSegmentWithoutFlowIsNotForwarded(t *testing.T) {
+	b := newBed(t, testConfig())
+	b.addClient("a", clientAIP, netip.Addr{}, "action=accept")
+	b.fromClient(clientAIP, clientTCP(clientAIP, 40000, header.TCPFlagAck, 1, 1, "data"))
+	assert.Empty(t, b.toUplink())
+	assert.Equal(t, 0, b.e.Counters().Flows)
 }
