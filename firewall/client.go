@@ -113,7 +113,7 @@ func (w *worker) fromClient(c *client, frame []byte) {
 		return
 	}
 	e := w.engine
-	if gw := e.clientGateway(p.family); gw.Len() != 0 && p.dst == gw {
+	if p.dst == e.clientGateway(p.family) || p.dst == e.uplinkAddr(p.family) {
 		w.clientToGateway(c, p)
 		return
 	}

@@ -70,7 +70,7 @@ type Config struct {
 	UplinkGateway4 netip.Addr // /qubes-gateway: sys-net, its MAC resolved by ARP
 	UplinkGateway6 netip.Addr // /qubes-gateway6, optional
 	ClientGateway4 netip.Addr // /qubes-netvm-gateway: what clients route through
-	ClientGateway6 netip.Addr // /qubes-netvm-gateway6, optional
+	ClientGateway6 netip.Addr // /qubes-netvm-gateway6, optional; else the link-local fe80::fcff:ffff:feff:ffff
 	// ClientDNS are /qubes-netvm-primary-dns and -secondary-dns. Queries to
 	// them are forwarded like any allowed flow (sys-net redirects them);
 	// RuleOptions hands them to the rule compiler for specialtarget=dns.
@@ -223,6 +223,11 @@ func New(cfg Config, uplink Link) (*Engine, error) {
 		housekeepingPeriod: time.Second,
 		clients:            make(map[netip.Addr]*client),
 		flows:              newConntrack(cfg.MaxFlows, cfg.MaxFlowsPerClient, seed),
+	}
+	if e.clientGW6.Len() == 0 {
+		// Clients still get ICMPv6 errors (and ND answers) from the
+		// gateway's link-local address.
+		e.clientGW6 = header.LinkLocalAddr(tcpip.LinkAddress(GatewayMAC))
 	}
 	frameSize := header.EthernetMinimumSize + e.uplink.mtu
 	e.neighbours[0] = newNeighbour(e.uplinkGW4, frameSize)

@@ -385,3 +385,194 @@ func TestMidConnectionSegmentWithoutFlowIsNotForwarded(t *testing.T) {
 	assert.Empty(t, b.toUplink())
 	assert.Equal(t, 0, b.e.Counters().Flows)
 }
+
+func TestICMPErrorsFromUplinkAreTranslatedForTheClient(t *testing.T) {
+	for _, tc := range []struct {
+		name                string
+		client, nat, remote netip.Addr
+		errType, errCode    uint8
+		proto               uint8
+	}{
+		{"IPv4 time exceeded, UDP", clientAIP, uplinkIP, remoteIP, uint8(header.ICMPv4TimeExceeded), 0, protoICMPv4},
+		{"IPv4 fragmentation needed", clientAIP, uplinkIP, remoteIP, uint8(header.ICMPv4DstUnreachable), uint8(header.ICMPv4FragmentationNeeded), protoICMPv4},
+		{"IPv6 packet too big", clientA6, uplinkIP6, remoteIP6, uint8(header.ICMPv6PacketTooBig), 0, protoICMPv6},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			b := newBed(t, testConfig())
+			b.addClient("a", clientAIP, clientA6, "action=accept")
+			probe := ipPacket{srcMAC: clientMAC, dstMAC: GatewayMAC, src: tc.client, dst: tc.remote, ttl: 2, proto: protoUDP, sport: 33434, dport: 33435, payload: []byte("probe")}
+			b.fromClient(clientAIP, probe.frame())
+			sent := one(t, b.toUplink())
+			// A router behind sys-net answers, quoting what we sent.
+			router := addr("192.0.2.1")
+			if tc.client.Is6() {
+				router = addr("2001:db8:ffff::1")
+			}
+			icmpErr := ipPacket{srcMAC: sysnetMAC, dstMAC: uplinkMAC, src: router, dst: tc.nat, proto: tc.proto,
+				icmpType: tc.errType, icmpCode: tc.errCode, mtu: 1400, rawICMP: sent.network}
+			b.fromUplink(icmpErr.frame())
+			d := one(t, b.toClient(clientAIP))
+			assert.Equal(t, router, d.srcAddr)
+			assert.Equal(t, tc.client, d.dstAddr)
+			assert.Equal(t, tc.errType, d.icmpType)
+			q := quoted(t, d)
+			assert.Equal(t, tc.client, addrFromTCPIP(q.src), "quoted source is the client again")
+			assert.Equal(t, uint16(33434), q.srcPort)
+			assert.Equal(t, uint16(33435), q.dstPort)
+			if tc.client.Is4() {
+				assert.True(t, q.ip4.IsChecksumValid(), "quoted IPv4 header checksum")
+			}
+			udp := header.UDP(q.l4)
+			xsum := header.PseudoHeaderChecksum(header.UDPProtocolNumber, q.src, q.dst, udp.Length())
+			assert.Equal(t, uint16(0xffff), udp.CalculateChecksum(checksumOf(udp.Payload(), xsum)), "quoted UDP checksum")
+			if tc.errType == uint8(header.ICMPv4DstUnreachable) {
+				assert.Equal(t, uint16(1400), header.ICMPv4(d.l4).MTU())
+			}
+
+			// An error quoting an unknown flow is dropped.
+			icmpErr.rawICMP = remoteTCP(tc.nat, 1, header.TCPFlagSyn, 1, 0, "")[header.EthernetMinimumSize:]
+			b.fromUplink(icmpErr.frame())
+			assert.Empty(t, b.toClient(clientAIP))
+		})
+	}
+}
+
+func TestOneClientCannotEvictAnothersFlows(t *testing.T) {
+	cfg := testConfig()
+	cfg.MaxFlows, cfg.MaxFlowsPerClient = 20, 10
+	b := newBed(t, cfg)
+	b.addClient("a", clientAIP, netip.Addr{}, "action=accept")
+	b.addClient("b", clientBIP, netip.Addr{}, "action=accept")
+	b.fromClient(clientBIP, clientTCP(clientBIP, 40000, header.TCPFlagSyn, 1, 0, ""))
+	natB := one(t, b.toUplink()).srcPort
+	b.fromUplink(remoteTCP(uplinkIP, natB, header.TCPFlagSyn|header.TCPFlagAck, 1, 2, ""))
+	b.fromClient(clientBIP, clientTCP(clientBIP, 40000, header.TCPFlagAck, 2, 2, ""))
+	require.Len(t, b.toClient(clientBIP), 1)
+	require.Len(t, b.toUplink(), 1)
+
+	// Client A floods with established connections: it gets its share, no more.
+	for port := range uint16(15) {
+		b.fromClient(clientAIP, clientTCP(clientAIP, 1000+port, header.TCPFlagSyn, 1, 0, ""))
+		for _, f := range b.toUplink() {
+			nat := decode(t, f).srcPort
+			b.fromUplink(remoteTCP(uplinkIP, nat, header.TCPFlagSyn|header.TCPFlagAck, 1, 2, ""))
+			b.fromClient(clientAIP, clientTCP(clientAIP, 1000+port, header.TCPFlagAck, 2, 2, ""))
+			b.toUplink()
+		}
+	}
+	counters := b.e.Counters()
+	assert.Equal(t, 10, counters.Clients[0].Flows)
+	assert.Equal(t, 1, counters.Clients[1].Flows)
+	assert.Equal(t, uint64(5), counters.Uplink.FlowTableFull)
+
+	// B's connection still works.
+	b.fromUplink(remoteTCP(uplinkIP, natB, header.TCPFlagAck, 2, 2, "still here"))
+	assert.Len(t, b.toClient(clientBIP), 1)
+
+	// An unanswered flow of A gives way to A's next new flow.
+	b.e.RemoveClient(clientAIP)
+	b.addClient("a", clientAIP, netip.Addr{}, "action=accept")
+	for port := range uint16(12) {
+		b.fromClient(clientAIP, clientTCP(clientAIP, 2000+port, header.TCPFlagSyn, 1, 0, ""))
+	}
+	assert.Len(t, b.toUplink(), 12)
+	assert.Equal(t, 10, b.e.Counters().Clients[0].Flows)
+}
+
+func TestSetRulesCutsRejectedFlowsWithReset(t *testing.T) {
+	b := newBed(t, testConfig())
+	b.addClient("a", clientAIP, clientA6, "action=accept")
+	b.fromClient(clientAIP, clientTCP(clientAIP, 40000, header.TCPFlagSyn, 100, 0, ""))
+	nat := one(t, b.toUplink()).srcPort
+	b.fromUplink(remoteTCP(uplinkIP, nat, header.TCPFlagSyn|header.TCPFlagAck, 5000, 101, ""))
+	b.fromClient(clientAIP, clientTCP(clientAIP, 40000, header.TCPFlagAck, 101, 5001, ""))
+	b.fromClient(clientAIP, ipPacket{srcMAC: clientMAC, dstMAC: GatewayMAC, src: clientAIP, dst: dnsIP, proto: protoUDP, sport: 5000, dport: 53}.frame())
+	b.fromClient(clientAIP, clientTCP(clientA6, 40000, header.TCPFlagSyn, 100, 0, ""))
+	b.toUplink()
+	b.toClient(clientAIP)
+	require.Equal(t, 3, b.e.Counters().Flows)
+
+	// New IPv4 rules allow only DNS: the TCP flow is cut, the IPv6 one stays.
+	b.setRules(clientAIP, "action=accept specialtarget=dns")
+	assert.Equal(t, 2, b.e.Counters().Flows)
+	rst := one(t, b.toClient(clientAIP))
+	tcp := header.TCP(rst.l4)
+	assert.Equal(t, remoteIP, rst.srcAddr)
+	assert.Equal(t, clientAIP, rst.dstAddr)
+	assert.Equal(t, uint16(443), rst.srcPort)
+	assert.Equal(t, uint16(40000), rst.dstPort)
+	assert.Equal(t, header.TCPFlagRst, tcp.Flags())
+	assert.Equal(t, uint32(5001), tcp.SequenceNumber(), "the client's next expected sequence")
+
+	b.fromUplink(remoteTCP(uplinkIP, nat, header.TCPFlagAck, 5001, 101, "late"))
+	assert.Empty(t, b.toClient(clientAIP), "replies of the cut flow are dropped")
+	b.fromClient(clientAIP, clientTCP(clientAIP, 40000, header.TCPFlagAck, 101, 5001, "more"))
+	assert.Empty(t, b.toUplink())
+	assert.Len(t, b.toClient(clientAIP), 1, "and the client's packets rejected")
+}
+
+func TestFramesWaitForTheGatewayMAC(t *testing.T) {
+	cfg := testConfig()
+	cfg.UplinkIP6, cfg.UplinkGateway6, cfg.ClientGateway6 = netip.Addr{}, netip.Addr{}, netip.Addr{}
+	b := &bed{t: t, clients: map[netip.Addr]*bedClient{}}
+	cfg.Clock = func() time.Time { return time.Unix(0, b.now.Load()) }
+	engineEnd, sysnet := Pipe(uplinkMAC, sysnetMAC, DefaultMTU)
+	e, err := New(cfg, engineEnd)
+	require.NoError(t, err)
+	b.e, b.sysnet, b.uplink = e, sysnet, newWorker(e, e.uplink)
+	b.addClient("a", clientAIP, clientA6, "action=accept")
+
+	e.resolveGateways()
+	req := b.toUplink()
+	require.Len(t, req, 1)
+	arp := header.ARP(req[0][header.EthernetMinimumSize:])
+	require.True(t, arp.IsValid())
+	assert.Equal(t, header.ARPRequest, arp.Op())
+	assert.Equal(t, sysnetIP.AsSlice(), arp.ProtocolAddressTarget())
+	assert.Equal(t, uplinkIP.AsSlice(), arp.ProtocolAddressSender())
+
+	for port := range uint16(neighbourQueueLen + 2) {
+		b.fromClient(clientAIP, clientTCP(clientAIP, 1000+port, header.TCPFlagSyn, 1, 0, ""))
+	}
+	assert.Empty(t, b.toUplink())
+	b.fromUplink(arpFrame(header.ARPReply, uplinkMAC, sysnetMAC, sysnetIP, uplinkIP))
+	queued := b.toUplink()
+	require.Len(t, queued, neighbourQueueLen, "a bounded queue")
+	for _, f := range queued {
+		d := decode(t, f)
+		assert.Equal(t, sysnetMAC, net.HardwareAddr(d.eth.DestinationAddress()))
+		assert.Equal(t, uplinkIP, d.srcAddr)
+	}
+
+	// IPv6 with no uplink IPv6 is rejected; we answer ARP for our address.
+	b.fromClient(clientAIP, clientTCP(clientA6, 1, header.TCPFlagSyn, 1, 0, ""))
+	d := one(t, b.toClient(clientAIP))
+	assert.Equal(t, uint8(header.ICMPv6Prohibited), d.icmpCode)
+	b.fromUplink(arpFrame(header.ARPRequest, broadcast, sysnetMAC, sysnetIP, uplinkIP))
+	reply := b.toUplink()
+	require.Len(t, reply, 1)
+	assert.Equal(t, header.ARPReply, header.ARP(reply[0][header.EthernetMinimumSize:]).Op())
+	assert.Equal(t, []byte(uplinkMAC), header.ARP(reply[0][header.EthernetMinimumSize:]).HardwareAddressSender())
+}
+
+func TestUplinkNeighborDiscovery(t *testing.T) {
+	cfg := testConfig()
+	b := &bed{t: t, clients: map[netip.Addr]*bedClient{}}
+	cfg.Clock = func() time.Time { return time.Unix(0, b.now.Load()) }
+	engineEnd, sysnet := Pipe(uplinkMAC, sysnetMAC, DefaultMTU)
+	e, err := New(cfg, engineEnd)
+	require.NoError(t, err)
+	b.e, b.sysnet, b.uplink = e, sysnet, newWorker(e, e.uplink)
+	e.resolveGateways()
+	frames := b.toUplink()
+	require.Len(t, frames, 2)
+	ns := decode(t, frames[1])
+	assert.Equal(t, header.ICMPv6NeighborSolicit, header.ICMPv6Type(ns.icmpType))
+	assert.Equal(t, tcpipOf(sysnetIP6), header.NDPNeighborSolicit(header.ICMPv6(ns.l4).MessageBody()).TargetAddress())
+
+	b.fromUplink(ndpFrame(header.ICMPv6NeighborSolicit, sysnetMAC, sysnetIP6, addr("ff02::1:ffa8:6"), uplinkIP6, sysnetMAC))
+	na := one(t, b.toUplink())
+	assert.Equal(t, header.ICMPv6NeighborAdvert, header.ICMPv6Type(na.icmpType))
+	assert.True(t, e.neighbours[1].resolved, "learned from the solicitation's source option")
+	assert.Equal(t, [6]byte(sysnetMAC), e.neighbours[1].mac)
+}

@@ -1,6 +1,7 @@
 package firewall
 
 import (
+	"io"
 	"net"
 	"sync"
 )
@@ -78,6 +79,8 @@ func (l *MemLink) Read(bufs [][]byte, sizes []int) (int, error) {
 		select {
 		case <-l.done:
 			return 0, net.ErrClosed
+		case <-l.peer.done:
+			return 0, io.EOF // the other end was closed: the cable is unplugged
 		case frame = <-l.rx:
 		}
 		for {
