@@ -25,15 +25,33 @@ const maxByteCAS = 1 << 16
 // disturbing the other bytes of its word (the peer writes those). It reports
 // false if the word kept changing under it.
 func StoreByte(b []byte, off int, v byte) bool {
+	ok, _ := swapByte(b, off, func(byte) bool { return true }, v)
+	return ok
+}
+
+// CompareAndSwapByte atomically replaces the byte at off of shared memory b
+// by new if it holds old. It reports whether it did; contended reports that
+// the word kept changing under it.
+func CompareAndSwapByte(b []byte, off int, old, new byte) (swapped, contended bool) {
+	swapped, done := swapByte(b, off, func(cur byte) bool { return cur == old }, new)
+	return swapped, !done
+}
+
+// swapByte stores v in byte off if cond holds for its current value. done
+// is false if the word changed under every attempt.
+func swapByte(b []byte, off int, cond func(byte) bool, v byte) (stored, done bool) {
 	w := Word(b, off&^3)
 	shift := uint(off&3) * 8 // little-endian byte order
 	for range maxByteCAS {
-		old := w.Load()
-		if w.CompareAndSwap(old, old&^(0xff<<shift)|uint32(v)<<shift) {
-			return true
+		cur := w.Load()
+		if !cond(byte(cur >> shift)) {
+			return false, true
+		}
+		if w.CompareAndSwap(cur, cur&^(0xff<<shift)|uint32(v)<<shift) {
+			return true, true
 		}
 	}
-	return false
+	return false, false
 }
 
 // LoadByte atomically reads the byte at off of shared memory b.
