@@ -60,7 +60,7 @@ func TestRingCopyWraps(t *testing.T) {
 	r := newRing(ctrl, offLeftCons, offLeftProd, 13, pages)
 	require.Equal(t, uint32(8192), r.size)
 	msg := bytes.Repeat([]byte("0123456789"), 300) // 3000 bytes
-	pos := uint32(1<<32 - 1000)                  // wraps the index and the ring
+	pos := uint32(1<<32 - 1000)                    // wraps the index and the ring
 	r.copyIn(pos, msg)
 	assert.Equal(t, msg[:1000], pages[1][4096-1000:])
 	assert.Equal(t, msg[1000:], pages[0][:2000])
