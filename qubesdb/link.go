@@ -118,8 +118,8 @@ func (l *link) recv() (Message, error) {
 // close shuts the link down; the first error given is kept as the reason.
 func (l *link) close(err error) {
 	l.mu.Lock()
-	defer l.mu.Unlock()
 	if l.closed {
+		l.mu.Unlock()
 		return
 	}
 	l.closed, l.out = true, nil
@@ -127,6 +127,9 @@ func (l *link) close(err error) {
 		l.err = err
 	}
 	close(l.done)
+	l.mu.Unlock()
+	// Outside the lock: closing a vchan waits for a Write in progress,
+	// and the writer takes the lock once its Write returns.
 	l.rwc.Close()
 }
 
