@@ -1,0 +1,327 @@
+// Package tapnet_test runs qfw's engine between real Linux network stacks:
+// one network namespace plays sys-net (the "upstream", with servers and DNS),
+// one namespace per client qube, and the engine sits between them on TAP
+// devices, in-process or as the qfw binary.
+package tapnet_test
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+	"github.com/vishvananda/netlink"
+
+	"qfw/firewall"
+	"qfw/test/nstest"
+)
+
+// Addresses of the test network, coherent with what dom0 would write.
+var (
+	fwIP    = netip.MustParseAddr("10.137.0.6") // /qubes-ip and /qubes-netvm-gateway
+	upGW    = netip.MustParseAddr("10.137.0.1") // /qubes-gateway: sys-net
+	dns1    = netip.MustParseAddr("10.139.1.1")
+	dns2    = netip.MustParseAddr("10.139.1.2")
+	serverA = netip.MustParseAddr("203.0.113.10")
+	serverB = netip.MustParseAddr("203.0.113.20")
+	zone    = dnsZone{"a.qfw.test": serverA, "b.qfw.test": serverB}
+)
+
+// Ports the upstream servers listen on (every upstream address).
+const (
+	httpPort = 80
+	echoPort = 7 // TCP and UDP
+	dnsPort  = 53
+)
+
+const uplinkTAP = "up0"
+
+// testTimeout bounds each test; single operations use shorter deadlines.
+const testTimeout = 60 * time.Second
+
+// clientNS is a client qube: a namespace whose eth0 is the kernel side of
+// the client TAP called tap in the firewall's namespace.
+type clientNS struct {
+	*nstest.NS
+	tap string
+	ip4 netip.Addr
+}
+
+// topology is the firewall's namespace (where its TAPs are opened), the
+// upstream namespace and the clients.
+type topology struct {
+	fw, up  *nstest.NS
+	clients []*clientNS
+}
+
+// newTopology makes the namespaces and starts the upstream servers. The
+// TAPs do not exist yet: the engine (or qfw) opens them in tp.fw, then
+// attach moves them to their namespaces.
+func newTopology(t *testing.T, clients map[string]netip.Addr) *topology {
+	t.Helper()
+	tp := &topology{fw: nstest.New(t, "fw"), up: nstest.New(t, "up")}
+	for tap, ip := range clients {
+		tp.clients = append(tp.clients, &clientNS{NS: nstest.New(t, tap), tap: tap, ip4: ip})
+	}
+	lo, err := tp.up.Netlink.LinkByName("lo")
+	require.NoError(t, err)
+	for _, a := range []netip.Addr{serverA, serverB, dns1, dns2} {
+		require.NoError(t, tp.up.Netlink.AddrAdd(lo, &netlink.Addr{IPNet: hostNet(a)}))
+	}
+	tp.startServers(t)
+	return tp
+}
+
+func hostNet(a netip.Addr) *net.IPNet {
+	return &net.IPNet{IP: a.AsSlice(), Mask: net.CIDRMask(a.BitLen(), a.BitLen())}
+}
+
+// client finds a client by TAP name.
+func (tp *topology) client(tap string) *clientNS {
+	for _, c := range tp.clients {
+		if c.tap == tap {
+			return c
+		}
+	}
+	panic("no client " + tap)
+}
+
+// startServers runs, in the upstream namespace: HTTP answering with the
+// server address it was reached at, TCP and UDP echo, DNS for zone. UDP
+// sockets are bound to one address each so that replies come from the
+// address the client asked.
+func (tp *topology) startServers(t *testing.T) {
+	t.Helper()
+	var httpL, echoL, dnsL net.Listener
+	var echoU, dnsU []net.PacketConn
+	listenUDP := func(to *[]net.PacketConn, port int, addrs ...netip.Addr) error {
+		for _, a := range addrs {
+			c, err := net.ListenPacket("udp4", netip.AddrPortFrom(a, uint16(port)).String())
+			if err != nil {
+				return err
+			}
+			*to = append(*to, c)
+		}
+		return nil
+	}
+	require.NoError(t, tp.up.Do(func() (err error) {
+		if httpL, err = net.Listen("tcp4", fmt.Sprintf(":%d", httpPort)); err != nil {
+			return err
+		}
+		if echoL, err = net.Listen("tcp4", fmt.Sprintf(":%d", echoPort)); err != nil {
+			return err
+		}
+		if dnsL, err = net.Listen("tcp4", fmt.Sprintf(":%d", dnsPort)); err != nil {
+			return err
+		}
+		if err = listenUDP(&echoU, echoPort, serverA, serverB, dns1); err != nil {
+			return err
+		}
+		return listenUDP(&dnsU, dnsPort, dns1, dns2)
+	}))
+	srv := &http.Server{
+		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			local := r.Context().Value(http.LocalAddrContextKey).(net.Addr)
+			fmt.Fprintf(w, "server %s\n", local.(*net.TCPAddr).IP)
+		}),
+		ReadHeaderTimeout: 10 * time.Second,
+	}
+	go srv.Serve(httpL)
+	go serveTCPEcho(echoL)
+	for _, c := range echoU {
+		go serveUDPEcho(c)
+	}
+	zone.serveDNS(dnsU, dnsL)
+	t.Cleanup(func() {
+		srv.Close()
+		for _, c := range []io.Closer{echoL, dnsL} {
+			c.Close()
+		}
+		for _, c := range append(echoU, dnsU...) {
+			c.Close()
+		}
+	})
+}
+
+// serveTCPEcho echoes lines back until the listener is closed.
+func serveTCPEcho(l net.Listener) {
+	for {
+		c, err := l.Accept()
+		if err != nil {
+			return
+		}
+		go func() {
+			defer c.Close()
+			c.SetDeadline(time.Now().Add(testTimeout))
+			r := bufio.NewReader(c)
+			for {
+				line, err := r.ReadString('\n')
+				if err != nil {
+					return
+				}
+				if _, err := c.Write([]byte(line)); err != nil {
+					return
+				}
+			}
+		}()
+	}
+}
+
+// serveUDPEcho echoes datagrams until the socket is closed.
+func serveUDPEcho(c net.PacketConn) {
+	buf := make([]byte, 2048)
+	for {
+		n, from, err := c.ReadFrom(buf)
+		if err != nil {
+			return
+		}
+		c.WriteTo(buf[:n], from)
+	}
+}
+
+// attach moves the TAPs, which must exist in tp.fw by now, into their
+// namespaces and sets up the kernel side as Qubes does: sys-net routes the
+// firewall's /32 over the uplink; a client has its /32, a permanent
+// neighbour entry for the gateway and a default route through it.
+func (tp *topology) attach(t *testing.T) {
+	t.Helper()
+	require.NoError(t, tp.fw.MoveLink(uplinkTAP, tp.up))
+	up := tp.up.Netlink
+	link, err := up.LinkByName(uplinkTAP)
+	require.NoError(t, err)
+	require.NoError(t, up.AddrAdd(link, &netlink.Addr{IPNet: hostNet(upGW)}))
+	disableIPv6(t, tp.up, uplinkTAP)
+	require.NoError(t, up.LinkSetUp(link))
+	require.NoError(t, up.RouteAdd(&netlink.Route{
+		LinkIndex: link.Attrs().Index, Dst: hostNet(fwIP), Scope: netlink.SCOPE_LINK,
+	}))
+
+	for _, c := range tp.clients {
+		require.NoError(t, tp.fw.MoveLink(c.tap, c.NS))
+		h := c.Netlink
+		link, err := h.LinkByName(c.tap)
+		require.NoError(t, err)
+		require.NoError(t, h.LinkSetName(link, "eth0"))
+		require.NoError(t, h.AddrAdd(link, &netlink.Addr{IPNet: hostNet(c.ip4)}))
+		disableIPv6(t, c.NS, "eth0")
+		require.NoError(t, h.LinkSetUp(link))
+		require.NoError(t, h.NeighAdd(&netlink.Neigh{
+			LinkIndex: link.Attrs().Index, State: netlink.NUD_PERMANENT,
+			IP: fwIP.AsSlice(), HardwareAddr: firewall.GatewayMAC,
+		}))
+		require.NoError(t, h.RouteAdd(&netlink.Route{
+			LinkIndex: link.Attrs().Index, Dst: hostNet(fwIP), Scope: netlink.SCOPE_LINK,
+		}))
+		require.NoError(t, h.RouteAdd(&netlink.Route{
+			LinkIndex: link.Attrs().Index, Gw: fwIP.AsSlice(), Flags: int(netlink.FLAG_ONLINK),
+		}))
+	}
+}
+
+// disableIPv6 keeps an interface from sending IPv6 router and multicast
+// chatter, so that the engine's drop counters count only what a test sends.
+func disableIPv6(t *testing.T, ns *nstest.NS, iface string) {
+	t.Helper()
+	require.NoError(t, ns.Do(func() error {
+		return os.WriteFile("/proc/sys/net/ipv6/conf/"+iface+"/disable_ipv6", []byte("1"), 0)
+	}))
+}
+
+// qubesDB is the firewall VM's own QubesDB as dom0 writes it, without rules.
+func (tp *topology) qubesDB() map[string]string {
+	var connected []string
+	for _, c := range tp.clients {
+		connected = append(connected, c.ip4.String())
+	}
+	return map[string]string{
+		"/name":                      "sys-firewall",
+		"/qubes-ip":                  fwIP.String(),
+		"/qubes-netmask":             "255.255.255.255",
+		"/qubes-gateway":             upGW.String(),
+		"/qubes-primary-dns":         dns1.String(),
+		"/qubes-secondary-dns":       dns2.String(),
+		"/qubes-mac":                 "00:16:3e:5e:6c:00",
+		"/qubes-netvm-gateway":       fwIP.String(),
+		"/qubes-netvm-network":       fwIP.String(),
+		"/qubes-netvm-netmask":       "255.255.255.255",
+		"/qubes-netvm-primary-dns":   dns1.String(),
+		"/qubes-netvm-secondary-dns": dns2.String(),
+		"/connected-ips":             strings.Join(connected, " "),
+		"/connected-ips6":            "",
+	}
+}
+
+// ruleTree is a client's rule tree as dom0 writes it: numbered rules,
+// policy drop; with the commit key.
+func ruleTree(db map[string]string, ip netip.Addr, rules ...string) {
+	dir := "/qubes-firewall/" + ip.String()
+	for k := range db {
+		if strings.HasPrefix(k, dir+"/") {
+			delete(db, k)
+		}
+	}
+	db[dir+"/policy"] = "drop"
+	for i, r := range rules {
+		db[fmt.Sprintf("%s/%04d", dir, i)] = r
+	}
+	db[dir] = ""
+}
+
+// dial connects from inside the client's namespace; the connection may be
+// used from any goroutine.
+func (c *clientNS) dial(ctx context.Context, network string, to netip.AddrPort) (conn net.Conn, err error) {
+	err = c.Do(func() error {
+		var d net.Dialer
+		conn, err = d.DialContext(ctx, network, to.String())
+		return err
+	})
+	return conn, err
+}
+
+// httpGet fetches http://addr/ from the client's namespace.
+func (c *clientNS) httpGet(ctx context.Context, addr netip.Addr) (string, error) {
+	client := &http.Client{Transport: &http.Transport{
+		DialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
+			return c.dial(ctx, "tcp4", netip.AddrPortFrom(addr, httpPort))
+		},
+		DisableKeepAlives: true,
+	}}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+addr.String()+"/", nil)
+	if err != nil {
+		return "", err
+	}
+	resp, err := client.Do(req)
+	if err != nil {
+		return "", err
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, 1000))
+	return string(body), err
+}
+
+// udpExchange sends payload from the client to a UDP server and returns the
+// first datagram that comes back before ctx ends.
+func (c *clientNS) udpExchange(ctx context.Context, to netip.AddrPort, payload []byte) ([]byte, error) {
+	conn, err := c.dial(ctx, "udp4", to)
+	if err != nil {
+		return nil, err
+	}
+	defer conn.Close()
+	if deadline, ok := ctx.Deadline(); ok {
+		conn.SetDeadline(deadline)
+	}
+	if _, err := conn.Write(payload); err != nil {
+		return nil, err
+	}
+	buf := make([]byte, 2048)
+	n, err := conn.Read(buf)
+	return buf[:n], err
+}
