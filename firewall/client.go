@@ -117,10 +117,6 @@ func (w *worker) fromClient(c *client, frame []byte) {
 		w.clientToGateway(c, p)
 		return
 	}
-	if p.isMulticast() {
-		c.counters.Dropped++
-		return
-	}
 	// A router checks the TTL and the MTU before its forward filter.
 	if p.ttl() <= 1 {
 		w.icmpError(w.in, p, &c.icmpLimit, e.clientGateway(p.family), errTimeExceeded, 0)
@@ -193,6 +189,10 @@ func (w *worker) clientToGateway(c *client, p *packet) {
 // new flow, or nil when the packet was rejected or dropped.
 func (w *worker) newFlow(c *client, p *packet, key *flowKey) *flow {
 	e := w.engine
+	if p.isMulticast() {
+		c.counters.Dropped++ // broadcast and multicast are never forwarded
+		return nil
+	}
 	if (p.proto == protoICMPv4 || p.proto == protoICMPv6) && !p.isEcho(true) {
 		c.counters.Dropped++ // only echo requests start ICMP flows
 		return nil
