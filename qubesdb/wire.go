@@ -1,13 +1,3 @@
-// Package qubesdb speaks the QubesDB protocol of Qubes OS.
-//
-// It holds the message codec, an in-memory mirror of the database with
-// watches ([DB]), typed readers for the keys a firewall needs ([ReadConfig],
-// [FirewallRules], [WatchFirewall]), the VM side of the dom0 vchan link
-// ([Client]) and a dom0-side peer for tests and simulation ([Server]).
-// Package qubesdb/local talks to a QubesDB daemon over its unix socket.
-//
-// Everything received is untrusted: messages are bounded before anything is
-// allocated and validated before they touch the database.
 package qubesdb
 
 import (
