@@ -262,7 +262,7 @@ func (w *worker) forwardToUplink(c *client, f *flow, p *packet) {
 	c.counters.TxBytes += n
 	f.rule.bytes += n
 	p.decrementTTL()
-	p.rewriteSource(e.uplinkAddr(p.family), f.reply.localPort)
+	p.translate(true, e.uplinkAddr(p.family), f.reply.localPort, f.delta)
 	nb := e.gatewayNeighbour(p.family)
 	if !nb.resolved {
 		nb.enqueue(p.frame)

@@ -67,6 +67,7 @@ type flow struct {
 	orig, reply flowKey // orig as the client sends it, reply as the uplink returns it
 	client      *client
 	rule        *ruleCount // the rule that accepted it, for byte counts
+	delta       natDelta   // checksum change of the translation towards the uplink
 	expires     int64      // unix nanoseconds
 	clientAck   uint32     // last ACK number from the client: a RST with this sequence is in its window
 	state       flowState
@@ -135,7 +136,9 @@ func (t *conntrack) create(c *client, orig *flowKey, natAddr [16]byte, state flo
 	f := &t.flows[i]
 	t.free = f.next
 	t.used++
-	*f = flow{orig: *orig, reply: reply, client: c, state: state, inUse: true, prev: c.flowTail, next: -1}
+	addrLen := c.addr(orig.family).Len()
+	*f = flow{orig: *orig, reply: reply, client: c, state: state, inUse: true, prev: c.flowTail, next: -1,
+		delta: newNATDelta(orig.local[:addrLen], natAddr[:addrLen], orig.localPort, reply.localPort)}
 	f.refresh(now)
 	if c.flowTail >= 0 {
 		t.flows[c.flowTail].next = i

@@ -187,56 +187,77 @@ func (p *packet) isMulticast() bool {
 	return header.IsV6MulticastAddress(p.dst)
 }
 
-// rewriteSource replaces the source address and port (ICMP echo: the
-// identifier) of p, updating every checksum incrementally.
-func (p *packet) rewriteSource(addr tcpip.Address, port uint16) {
-	p.rewrite(addr, port, true)
-}
+// natDelta is what a flow's translation towards the uplink adds to the
+// checksums, as one's complement differences (RFC 1624): the address change
+// (IPv4 header, TCP/UDP/ICMPv6 pseudo-header) and the port or ICMP echo
+// identifier change. header's ...WithChecksumUpdate helpers fold in each
+// field on every packet; a flow's translation never changes, so its delta
+// is computed once, when the flow is created.
+type natDelta struct{ addr, port uint16 }
 
-// rewriteDestination replaces the destination address and port (ICMP echo:
-// the identifier) of p, updating every checksum incrementally.
-func (p *packet) rewriteDestination(addr tcpip.Address, port uint16) {
-	p.rewrite(addr, port, false)
-}
-
-func (p *packet) rewrite(addr tcpip.Address, port uint16, source bool) {
-	old := p.dst
-	if source {
-		old = p.src
+func newNATDelta(fromAddr, toAddr []byte, fromPort, toPort uint16) natDelta {
+	return natDelta{
+		addr: checksum.Combine(checksum.Checksum(toAddr, 0), ^checksum.Checksum(fromAddr, 0)),
+		port: checksum.Combine(toPort, ^fromPort),
 	}
+}
+
+// reverse is the delta of the translation back to the client.
+func (d natDelta) reverse() natDelta { return natDelta{addr: ^d.addr, port: ^d.port} }
+
+// updateChecksum adds deltas to a checksum field.
+func updateChecksum(field uint16, deltas ...uint16) uint16 {
+	xsum := ^field
+	for _, d := range deltas {
+		xsum = checksum.Combine(xsum, d)
+	}
+	return ^xsum
+}
+
+// translate replaces the source (or the destination) address and port
+// (ICMP echo: identifier) of p with addr and port, whose checksum delta
+// from the current ones is d.
+func (p *packet) translate(source bool, addr tcpip.Address, port uint16, d natDelta) {
 	switch p.proto {
 	case protoTCP:
 		tcp := header.TCP(p.l4)
-		switch {
-		case len(tcp) < header.TCPChecksumOffset+2: // quoted in an ICMP error without its checksum
+		if len(tcp) >= header.TCPChecksumOffset+2 { // not so in a short ICMP quote
+			tcp.SetChecksum(updateChecksum(tcp.Checksum(), d.addr, d.port))
+		}
+		if source {
 			tcp.SetSourcePort(port)
-		case source:
-			tcp.UpdateChecksumPseudoHeaderAddress(old, addr, true)
-			tcp.SetSourcePortWithChecksumUpdate(port)
-		default:
-			tcp.UpdateChecksumPseudoHeaderAddress(old, addr, true)
-			tcp.SetDestinationPortWithChecksumUpdate(port)
+		} else {
+			tcp.SetDestinationPort(port)
 		}
 	case protoUDP:
 		udp := header.UDP(p.l4)
-		udp.UpdateChecksumPseudoHeaderAddress(old, addr, true)
+		if xsum := udp.Checksum(); xsum != 0 { // zero: sent without checksum (IPv4)
+			if xsum = updateChecksum(xsum, d.addr, d.port); xsum == 0 {
+				xsum = 0xffff // RFC 768: a computed zero is sent as all ones
+			}
+			udp.SetChecksum(xsum)
+		}
 		if source {
-			udp.SetSourcePortWithChecksumUpdate(port)
+			udp.SetSourcePort(port)
 		} else {
-			udp.SetDestinationPortWithChecksumUpdate(port)
+			udp.SetDestinationPort(port)
 		}
 	case protoICMPv4:
-		header.ICMPv4(p.l4).SetIdentWithChecksumUpdate(port)
+		icmp := header.ICMPv4(p.l4) // no pseudo-header
+		icmp.SetChecksum(updateChecksum(icmp.Checksum(), d.port))
+		icmp.SetIdent(port)
 	case protoICMPv6:
 		icmp := header.ICMPv6(p.l4)
-		icmp.UpdateChecksumPseudoHeaderAddress(old, addr)
-		icmp.SetIdentWithChecksumUpdate(port)
+		icmp.SetChecksum(updateChecksum(icmp.Checksum(), d.addr, d.port))
+		icmp.SetIdent(port)
 	}
 	switch {
 	case p.family == rules.IPv4 && source:
-		p.ip4.SetSourceAddressWithChecksumUpdate(addr)
+		p.ip4.SetChecksum(updateChecksum(p.ip4.Checksum(), d.addr))
+		p.ip4.SetSourceAddress(addr)
 	case p.family == rules.IPv4:
-		p.ip4.SetDestinationAddressWithChecksumUpdate(addr)
+		p.ip4.SetChecksum(updateChecksum(p.ip4.Checksum(), d.addr))
+		p.ip4.SetDestinationAddress(addr)
 	case source:
 		p.ip6.SetSourceAddress(addr)
 	default:

@@ -68,7 +68,7 @@ func (w *worker) forwardToClient(f *flow, p *packet) {
 	c.counters.RxBytes += n
 	f.rule.bytes += n
 	p.decrementTTL()
-	p.rewriteDestination(c.addr(p.family), f.orig.localPort)
+	p.translate(false, c.addr(p.family), f.orig.localPort, f.delta.reverse())
 	p.setEthernet(&c.mac, &c.port.macBytes)
 	w.send(c.port, p.frame)
 }
@@ -91,7 +91,7 @@ func (w *worker) uplinkICMPError(p *packet) {
 	}
 	c := f.client
 	clientAddr := c.addr(p.family)
-	quoted.rewriteSource(clientAddr, f.orig.localPort)
+	quoted.translate(true, clientAddr, f.orig.localPort, f.delta.reverse()) // the quote is of a packet towards the uplink
 	p.decrementTTL()
 	if p.family == rules.IPv4 {
 		p.ip4.SetDestinationAddressWithChecksumUpdate(clientAddr)
