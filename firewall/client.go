@@ -189,8 +189,8 @@ func (w *worker) clientToGateway(c *client, p *packet) {
 // new flow, or nil when the packet was rejected or dropped.
 func (w *worker) newFlow(c *client, p *packet, key *flowKey) *flow {
 	e := w.engine
-	if p.isMulticast() {
-		c.counters.Dropped++ // broadcast and multicast are never forwarded
+	if p.notRoutable() {
+		c.counters.Dropped++
 		return nil
 	}
 	if (p.proto == protoICMPv4 || p.proto == protoICMPv6) && !p.isEcho(true) {

@@ -18,6 +18,7 @@ type Counters struct {
 type UplinkCounters struct {
 	Dropped       uint64 // not of a known flow, not for us, malformed
 	FlowTableFull uint64 // new flows refused because the table (or a share) was full
+	WriteErrors   uint64 // batches the uplink failed to send
 }
 
 // ClientCounters count one client's traffic.

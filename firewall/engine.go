@@ -136,24 +136,26 @@ type ClientConfig struct {
 // Engine is the packet engine. Create it with New, attach clients with
 // AddClient, give them rules with SetRules and start it with Run.
 type Engine struct {
-	cfg    Config
-	log    *slog.Logger
-	now    func() time.Time
-	uplink *port
+	cfg                Config
+	log                *slog.Logger
+	now                func() time.Time
+	uplink             *port
+	uplinkErr          chan error // a failure of the uplink ends Run
+	housekeepingPeriod time.Duration
 
+	// Our addresses as gvisor's header views take them.
 	uplinkAddr4, uplinkAddr6 tcpip.Address
 	clientGW4, clientGW6     tcpip.Address
-	uplinkGW4, uplinkGW6     tcpip.Address
-	uplinkErr                chan error // a failure of the uplink ends Run
-	housekeepingPeriod       time.Duration
-	mu                       sync.Mutex // guards everything below
-	clients                  map[netip.Addr]*client
-	flows                    *conntrack
-	neighbours               [2]neighbour // uplink gateways: [0] IPv4, [1] IPv6
-	uplinkCounters           UplinkCounters
-	uplinkICMPLimit          tokenBucket // ICMP errors we send to the uplink
-	run                      *runState   // nil unless Run is active
-	ended                    bool        // Run has returned
+
+	mu              sync.Mutex // guards everything below
+	clients         map[netip.Addr]*client
+	flows           *conntrack
+	neighbours      [2]neighbour // uplink gateways: [0] IPv4, [1] IPv6
+	uplinkCounters  UplinkCounters
+	uplinkICMPLimit tokenBucket // ICMP errors we send to the uplink
+	uplinkLogLimit  tokenBucket // logs of uplink write failures
+	run             *runState   // nil unless Run is active
+	ended           bool        // Run has returned
 }
 
 // runState is what Run shares with the goroutines it starts.
@@ -217,8 +219,6 @@ func New(cfg Config, uplink Link) (*Engine, error) {
 		uplinkAddr6:        tcpipAddr(cfg.UplinkIP6),
 		clientGW4:          tcpipAddr(cfg.ClientGateway4),
 		clientGW6:          tcpipAddr(cfg.ClientGateway6),
-		uplinkGW4:          tcpipAddr(cfg.UplinkGateway4),
-		uplinkGW6:          tcpipAddr(cfg.UplinkGateway6),
 		uplinkErr:          make(chan error, 1),
 		housekeepingPeriod: time.Second,
 		clients:            make(map[netip.Addr]*client),
@@ -230,9 +230,9 @@ func New(cfg Config, uplink Link) (*Engine, error) {
 		e.clientGW6 = header.LinkLocalAddr(tcpip.LinkAddress(GatewayMAC))
 	}
 	frameSize := header.EthernetMinimumSize + e.uplink.mtu
-	e.neighbours[0] = newNeighbour(e.uplinkGW4, frameSize)
+	e.neighbours[0] = newNeighbour(tcpipAddr(cfg.UplinkGateway4), frameSize)
 	if e.uplinkAddr6.Len() != 0 {
-		e.neighbours[1] = newNeighbour(e.uplinkGW6, frameSize)
+		e.neighbours[1] = newNeighbour(tcpipAddr(cfg.UplinkGateway6), frameSize)
 	}
 	return e, nil
 }
@@ -284,23 +284,29 @@ func (e *Engine) AddClient(cfg ClientConfig) error {
 func (e *Engine) RemoveClient(ip netip.Addr) {
 	e.mu.Lock()
 	c := e.clients[ip]
-	if c != nil {
-		e.removeClientLocked(c)
-	}
 	e.mu.Unlock()
 	if c != nil {
-		c.port.link.Close()
-		e.log.Info("client removed", "client", c.name, "ip", c.ip4)
+		e.removeClient(c)
 	}
 }
 
-func (e *Engine) removeClientLocked(c *client) {
+// removeClient detaches c unless that already happened (a client with the
+// same address may have been added since).
+func (e *Engine) removeClient(c *client) {
+	e.mu.Lock()
+	if c.removed {
+		e.mu.Unlock()
+		return
+	}
 	delete(e.clients, c.ip4)
 	if c.ip6.IsValid() {
 		delete(e.clients, c.ip6)
 	}
 	e.flows.removeClient(c)
 	c.removed = true
+	e.mu.Unlock()
+	c.port.link.Close()
+	e.log.Info("client removed", "client", c.name, "ip", c.ip4)
 }
 
 // SetRules installs a client's rule set for the family of rs (atomically,
@@ -376,7 +382,7 @@ loop:
 	}
 	e.mu.Lock()
 	run := e.run
-	e.ended = true
+	e.run, e.ended = nil, true
 	links := []Link{e.uplink.link}
 	for ip, c := range e.clients {
 		if ip == c.ip4 {
@@ -398,6 +404,18 @@ func (e *Engine) housekeeping() {
 	e.flows.expire(e.now().UnixNano())
 	e.mu.Unlock()
 	e.resolveGateways()
+}
+
+// uplinkWriteFailed counts a failed write to the uplink and logs it, at
+// most once a second.
+func (e *Engine) uplinkWriteFailed(frames int, err error) {
+	e.mu.Lock()
+	e.uplinkCounters.WriteErrors++
+	logIt := e.uplinkLogLimit.allow(e.now().UnixNano(), 1, 1)
+	e.mu.Unlock()
+	if logIt {
+		e.log.Warn("writing to the uplink failed", "frames", frames, "err", err)
+	}
 }
 
 // startWorker starts the goroutine that reads p. Caller holds e.mu.
@@ -427,10 +445,13 @@ func (e *Engine) routineReadLink(ctx context.Context, p *port) {
 				}
 				return
 			}
-			if ctx.Err() == nil && !errors.Is(err, net.ErrClosed) {
+			if ctx.Err() != nil {
+				return // Run is ending and closed the link
+			}
+			if !errors.Is(err, net.ErrClosed) {
 				e.log.Warn("client link failed, removing the client", "client", p.client.name, "err", err)
 			}
-			e.RemoveClient(p.client.ip4)
+			e.removeClient(p.client)
 			return
 		}
 		w.processBatch(n)

@@ -576,3 +576,40 @@ func TestUplinkNeighborDiscovery(t *testing.T) {
 	assert.True(t, e.neighbours[1].resolved, "learned from the solicitation's source option")
 	assert.Equal(t, [6]byte(sysnetMAC), e.neighbours[1].mac)
 }
+
+func TestLinkLocalAndLoopbackDestinationsAreNotForwarded(t *testing.T) {
+	b := newBed(t, testConfig())
+	b.addClient("a", clientAIP, clientA6, "action=accept")
+	for _, dst := range []string{"fe80::1", "::1", "ff02::1", "127.0.0.1", "0.0.0.0", "239.1.2.3"} {
+		src := clientAIP
+		if addr(dst).Is6() {
+			src = clientA6
+		}
+		b.fromClient(clientAIP, ipPacket{srcMAC: clientMAC, dstMAC: GatewayMAC, src: src, dst: addr(dst), ttl: 1, proto: protoUDP, sport: 1, dport: 2}.frame())
+		b.fromClient(clientAIP, ipPacket{srcMAC: clientMAC, dstMAC: GatewayMAC, src: src, dst: addr(dst), proto: protoUDP, sport: 1, dport: 2}.frame())
+	}
+	assert.Empty(t, b.toUplink())
+	assert.Empty(t, b.toClient(clientAIP), "no ICMP errors about them either")
+	assert.Equal(t, 0, b.e.Counters().Flows)
+}
+
+func TestClientsAreValidatedAndRemovedByIdentity(t *testing.T) {
+	b := newBed(t, testConfig())
+	link, _ := Pipe(GatewayMAC, clientMAC, DefaultMTU)
+	require.Error(t, b.e.AddClient(ClientConfig{Name: "x", IP4: clientA6, MAC: clientMAC, Link: link}), "IPv4 required")
+	require.Error(t, b.e.AddClient(ClientConfig{Name: "x", IP4: clientAIP, IP6: clientBIP, MAC: clientMAC, Link: link}))
+	require.Error(t, b.e.AddClient(ClientConfig{Name: "x", IP4: clientAIP, MAC: clientMAC[:3], Link: link}))
+
+	b.addClient("a", clientAIP, netip.Addr{}, "action=accept")
+	require.Error(t, b.e.AddClient(ClientConfig{Name: "dup", IP4: clientAIP, MAC: clientMAC, Link: link}), "address in use")
+	old := b.e.clients[clientAIP]
+	b.fromClient(clientAIP, clientTCP(clientAIP, 1, header.TCPFlagSyn, 1, 0, ""))
+	require.Len(t, b.toUplink(), 1)
+	b.e.RemoveClient(clientAIP)
+	assert.Equal(t, 0, b.e.Counters().Flows, "its flows are gone")
+	b.addClient("a again", clientAIP, netip.Addr{}, "action=accept")
+	b.e.removeClient(old) // e.g. a late write failure on the old link
+	require.Len(t, b.e.Counters().Clients, 1)
+	assert.Equal(t, "a again", b.e.Counters().Clients[0].Name)
+	b.e.RemoveClient(remoteIP) // unknown: no-op
+}

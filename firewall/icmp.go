@@ -37,10 +37,10 @@ const (
 
 // icmpError sends an ICMP error about p back out of port to (to p's
 // sender), from address src, within the rate limit. Errors are never sent
-// about ICMP errors or multicast (RFC 1812 4.3.2.7). mtu is the next-hop
+// about ICMP errors, broadcast or multicast (RFC 1812 4.3.2.7). mtu is the next-hop
 // MTU of errTooBig.
 func (w *worker) icmpError(to *port, p *packet, limit *tokenBucket, src tcpip.Address, kind icmpErrorKind, mtu uint32) {
-	if src.Len() == 0 || p.isICMPError() || p.isMulticast() || !limit.allow(w.now, icmpErrorRate, icmpErrorBurst) {
+	if src.Len() == 0 || p.isICMPError() || p.notRoutable() || !limit.allow(w.now, icmpErrorRate, icmpErrorBurst) {
 		return
 	}
 	buf := w.scratchFrame()

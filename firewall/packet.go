@@ -178,13 +178,16 @@ func (p *packet) dontFragment() bool {
 	return p.family == rules.IPv6 || p.ip4.Flags()&header.IPv4FlagDontFragment != 0
 }
 
-// isMulticast reports whether p's destination is a broadcast or multicast
-// address (which the firewall never forwards).
-func (p *packet) isMulticast() bool {
+// notRoutable reports whether p's destination is one a router never
+// forwards to: broadcast, multicast, loopback, unspecified or IPv6
+// link-local.
+func (p *packet) notRoutable() bool {
 	if p.family == rules.IPv4 {
-		return header.IsV4MulticastAddress(p.dst) || p.dst == header.IPv4Broadcast
+		return header.IsV4MulticastAddress(p.dst) || p.dst == header.IPv4Broadcast ||
+			header.IsV4LoopbackAddress(p.dst) || p.dst == header.IPv4Any
 	}
-	return header.IsV6MulticastAddress(p.dst)
+	return header.IsV6MulticastAddress(p.dst) || header.IsV6LinkLocalUnicastAddress(p.dst) ||
+		header.IsV6LoopbackAddress(p.dst) || p.dst == header.IPv6Any
 }
 
 // natDelta is what a flow's translation towards the uplink adds to the

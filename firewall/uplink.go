@@ -162,8 +162,8 @@ func (w *worker) uplinkARP(frame []byte) {
 		e.uplinkCounters.Dropped++
 		return
 	}
-	if tcpip.AddrFrom4Slice(arp.ProtocolAddressSender()) == e.uplinkGW4 {
-		e.learnGateway(&e.neighbours[0], arp.HardwareAddressSender())
+	if gw := &e.neighbours[0]; tcpip.AddrFrom4Slice(arp.ProtocolAddressSender()) == gw.ip {
+		e.learnGateway(gw, arp.HardwareAddressSender())
 	}
 	if arp.Op() == header.ARPRequest && tcpip.AddrFrom4Slice(arp.ProtocolAddressTarget()) == e.uplinkAddr4 {
 		w.send(e.uplink, arpReplyInPlace(frame, e.uplink.macBytes))

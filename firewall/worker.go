@@ -105,9 +105,9 @@ func (w *worker) flush() {
 		if err != nil {
 			if c := b.to.client; c != nil {
 				e.log.Warn("writing to client failed, removing it", "client", c.name, "err", err)
-				e.RemoveClient(c.ip4)
+				e.removeClient(c)
 			} else {
-				e.log.Warn("writing to the uplink failed", "frames", len(b.frames), "err", err)
+				e.uplinkWriteFailed(len(b.frames), err)
 			}
 		}
 		clear(b.frames) // drop references to the buffers
