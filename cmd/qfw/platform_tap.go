@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"time"
 
 	"qfw/firewall"
 	"qfw/firewall/tap"
@@ -47,8 +48,13 @@ func runTap(ctx context.Context, opts *options, hup <-chan os.Signal, log *slog.
 	done := make(chan error, 1)
 	go func() { done <- engine.Run(ctx) }()
 	log.Info("qfw running", "qubesdb", opts.qubesdb)
+	rejects := &rejectReporter{log: log}
+	ticker := time.NewTicker(rejectReportPeriod)
+	defer ticker.Stop()
 	for {
 		select {
+		case <-ticker.C:
+			rejects.report(engine.Counters())
 		case err := <-done:
 			if err != nil {
 				return err

@@ -50,7 +50,7 @@ func Open(name string, mac net.HardwareAddr) (*Device, error) {
 	}
 	fd, err := unix.Open(tunPath, unix.O_RDWR|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
 	if err != nil {
-		return nil, fmt.Errorf("tap %s: open %s: %w", name, tunPath, err)
+		return nil, fmt.Errorf("tap %s: open %s: %w%s", name, tunPath, err, hint(err))
 	}
 	ifr, err := unix.NewIfreq(name)
 	if err != nil {
@@ -99,7 +99,8 @@ func validName(name string) error {
 	return nil
 }
 
-// hint explains the TUNSETIFF errors that have a usual cause.
+// hint explains the errors of opening and attaching a TAP that have a usual
+// cause.
 func hint(err error) string {
 	switch {
 	case errors.Is(err, unix.EPERM), errors.Is(err, unix.EACCES):

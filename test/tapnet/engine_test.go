@@ -443,11 +443,20 @@ func TestClientToClientBlocked(t *testing.T) {
 	default:
 	}
 
-	// TCP from c7 to c5 gets no connection either.
-	dialCtx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	// TCP from c7 to a listening c5 is dropped silently, as Linux does
+	// (forward "oifgroup 2 drop"): only a deadline can show a drop.
+	var l net.Listener
+	require.NoError(t, c5.Do(func() (err error) {
+		l, err = net.Listen("tcp4", ":8080")
+		return err
+	}))
+	defer l.Close()
+	dialCtx, cancel := context.WithTimeout(ctx, 3*time.Second)
 	defer cancel()
-	_, err := c7.dial(dialCtx, "tcp4", netip.AddrPortFrom(c5.ip4, httpPort))
+	_, err := c7.dial(dialCtx, "tcp4", netip.AddrPortFrom(c5.ip4, 8080))
 	require.Error(t, err, "client c7 connected to client c5")
+	var netErr net.Error
+	assert.True(t, errors.As(err, &netErr) && netErr.Timeout(), "client-to-client is dropped without an answer, got %v", err)
 }
 
 // skipUntilCutResets documents an engine gap that makes the cut invisible.
