@@ -203,21 +203,30 @@ func (w *worker) newFlow(c *client, p *packet, key *flowKey) *flow {
 	}
 	verdict, count := c.rules(p.family).Load().check(p.ruleFlow())
 	natAddr := e.uplinkAddr(p.family)
-	if verdict.Action != rules.Accept || natAddr.Len() == 0 {
+	rejected := verdict.Action != rules.Accept || natAddr.Len() == 0
+	if rejected {
 		c.counters.Rejected++
 		if count != nil {
 			count.rejected++
 		}
+	}
+	midConnection := p.proto == protoTCP && p.tcpFlags&(header.TCPFlagSyn|header.TCPFlagAck|header.TCPFlagRst) != header.TCPFlagSyn
+	switch {
+	case midConnection:
+		// Its flow was cut or has expired: without the NAT binding the
+		// connection cannot resume, so reset it.
+		if !rejected {
+			c.counters.Dropped++
+		}
+		w.sendReset(c, p)
+		return nil
+	case rejected:
 		w.icmpError(w.in, p, &c.icmpLimit, e.clientGateway(p.family), errAdminProhibited, 0)
 		return nil
 	}
 	state := udpUnreplied
 	switch p.proto {
 	case protoTCP:
-		if p.tcpFlags&(header.TCPFlagSyn|header.TCPFlagAck|header.TCPFlagRst) != header.TCPFlagSyn {
-			c.counters.Dropped++ // mid-connection segment of a flow we do not know: no NAT binding to resume
-			return nil
-		}
 		state = tcpSynSent
 	case protoICMPv4, protoICMPv6:
 		state = icmpEcho

@@ -69,9 +69,9 @@ type flow struct {
 	rule        *ruleCount // the rule that accepted it, for byte counts
 	delta       natDelta   // checksum change of the translation towards the uplink
 	expires     int64      // unix nanoseconds
-	clientAck   uint32     // last ACK number from the client: a RST with this sequence is in its window
+	remoteNext  uint32     // the sequence number after the remote's last segment: what the client expects next
 	state       flowState
-	ackSeen     bool // clientAck is valid
+	remoteSeen  bool // remoteNext is valid
 	finClient   bool
 	finRemote   bool
 	inUse       bool
@@ -249,7 +249,7 @@ func (t *conntrack) removeClient(c *client) {
 }
 
 // recheck applies a client's new rules of one family to its flows: those
-// now rejected are removed, and for TCP flows with a known client ACK a RST
+// now rejected are removed, and for TCP flows the remote has answered a RST
 // towards the client is returned, ready to be written to its link.
 func (t *conntrack) recheck(c *client, family rules.Family, table *ruleTable, now int64) (resets [][]byte) {
 	for i := c.flowHead; i >= 0; {
@@ -260,7 +260,7 @@ func (t *conntrack) recheck(c *client, family rules.Family, table *ruleTable, no
 			if verdict.Action == rules.Accept {
 				f.rule = count
 			} else {
-				if f.orig.proto == protoTCP && f.ackSeen && f.state < tcpClose {
+				if f.orig.proto == protoTCP && f.remoteSeen && f.state < tcpClose {
 					resets = append(resets, c.resetFrame(f))
 				}
 				t.remove(i)
@@ -311,13 +311,29 @@ func (f *flow) track(p *packet, fromClient bool, now int64) {
 	f.refresh(now)
 }
 
+// segmentLength is the sequence space a TCP segment takes: its payload,
+// and one for SYN and for FIN.
+func segmentLength(p *packet) uint32 {
+	tcp := header.TCP(p.l4)
+	n := uint32(len(tcp) - int(tcp.DataOffset()))
+	if p.tcpFlags&header.TCPFlagSyn != 0 {
+		n++
+	}
+	if p.tcpFlags&header.TCPFlagFin != 0 {
+		n++
+	}
+	return n
+}
+
 // trackTCP follows the handshake and teardown (without sequence window
 // checks: the endpoints do those).
 func (f *flow) trackTCP(p *packet, fromClient bool) {
 	flags := p.tcpFlags
-	if fromClient && flags&header.TCPFlagAck != 0 {
-		f.clientAck = header.TCP(p.l4).AckNumber()
-		f.ackSeen = true
+	if !fromClient {
+		next := header.TCP(p.l4).SequenceNumber() + segmentLength(p)
+		if !f.remoteSeen || int32(next-f.remoteNext) > 0 { // later in sequence space
+			f.remoteNext, f.remoteSeen = next, true
+		}
 	}
 	next := f.state
 	switch {

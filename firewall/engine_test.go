@@ -378,12 +378,32 @@ func TestTCPTeardownShortensTheTimeout(t *testing.T) {
 	assert.Equal(t, 0, b.e.Counters().Flows)
 }
 
-func TestMidConnectionSegmentWithoutFlowIsNotForwarded(t *testing.T) {
-	b := newBed(t, testConfig())
-	b.addClient("a", clientAIP, netip.Addr{}, "action=accept")
-	b.fromClient(clientAIP, clientTCP(clientAIP, 40000, header.TCPFlagAck, 1, 1, "data"))
-	assert.Empty(t, b.toUplink())
-	assert.Equal(t, 0, b.e.Counters().Flows)
+func TestMidConnectionSegmentWithoutFlowIsReset(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		client netip.Addr
+	}{{"IPv4", clientAIP}, {"IPv6", clientA6}} {
+		t.Run(tc.name, func(t *testing.T) {
+			b := newBed(t, testConfig())
+			b.addClient("a", clientAIP, clientA6, "action=accept")
+			b.fromClient(clientAIP, clientTCP(tc.client, 40000, header.TCPFlagAck, 1, 777, "data"))
+			assert.Empty(t, b.toUplink())
+			rst := one(t, b.toClient(clientAIP))
+			assert.Equal(t, tc.client, rst.dstAddr)
+			assert.Equal(t, uint16(40000), rst.dstPort)
+			assert.Equal(t, header.TCPFlagRst, header.TCP(rst.l4).Flags())
+			assert.Equal(t, uint32(777), header.TCP(rst.l4).SequenceNumber(), "the segment's ACK")
+
+			// Without ACK the RST acknowledges the segment; a RST is never answered.
+			b.fromClient(clientAIP, clientTCP(tc.client, 40000, header.TCPFlagFin, 10, 0, "ab"))
+			rst = one(t, b.toClient(clientAIP))
+			assert.Equal(t, header.TCPFlagRst|header.TCPFlagAck, header.TCP(rst.l4).Flags())
+			assert.Equal(t, uint32(13), header.TCP(rst.l4).AckNumber())
+			b.fromClient(clientAIP, clientTCP(tc.client, 40000, header.TCPFlagRst, 10, 0, ""))
+			assert.Empty(t, b.toClient(clientAIP))
+			assert.Equal(t, 0, b.e.Counters().Flows)
+		})
+	}
 }
 
 func TestICMPErrorsFromUplinkAreTranslatedForTheClient(t *testing.T) {
@@ -492,6 +512,11 @@ func TestSetRulesCutsRejectedFlowsWithReset(t *testing.T) {
 	b.toClient(clientAIP)
 	require.Equal(t, 3, b.e.Counters().Flows)
 
+	// Data from the remote is in flight when the rules change: the client
+	// has not acknowledged it yet.
+	b.fromUplink(remoteTCP(uplinkIP, nat, header.TCPFlagAck|header.TCPFlagPsh, 5001, 101, "hello"))
+	require.Len(t, b.toClient(clientAIP), 1)
+
 	// New IPv4 rules allow only DNS: the TCP flow is cut, the IPv6 one stays.
 	b.setRules(clientAIP, "action=accept specialtarget=dns")
 	assert.Equal(t, 2, b.e.Counters().Flows)
@@ -502,13 +527,16 @@ func TestSetRulesCutsRejectedFlowsWithReset(t *testing.T) {
 	assert.Equal(t, uint16(443), rst.srcPort)
 	assert.Equal(t, uint16(40000), rst.dstPort)
 	assert.Equal(t, header.TCPFlagRst, tcp.Flags())
-	assert.Equal(t, uint32(5001), tcp.SequenceNumber(), "the client's next expected sequence")
+	assert.Equal(t, uint32(5006), tcp.SequenceNumber(), "right after the remote's last byte: what the client expects next")
 
-	b.fromUplink(remoteTCP(uplinkIP, nat, header.TCPFlagAck, 5001, 101, "late"))
+	b.fromUplink(remoteTCP(uplinkIP, nat, header.TCPFlagAck, 5006, 101, "late"))
 	assert.Empty(t, b.toClient(clientAIP), "replies of the cut flow are dropped")
-	b.fromClient(clientAIP, clientTCP(clientAIP, 40000, header.TCPFlagAck, 101, 5001, "more"))
+	b.fromClient(clientAIP, clientTCP(clientAIP, 40000, header.TCPFlagAck, 101, 5006, "more"))
 	assert.Empty(t, b.toUplink())
-	assert.Len(t, b.toClient(clientAIP), 1, "and the client's packets rejected")
+	rst = one(t, b.toClient(clientAIP))
+	assert.Equal(t, header.TCPFlagRst, header.TCP(rst.l4).Flags(), "and the client's next segment is answered with a RST")
+	assert.Equal(t, uint32(5006), header.TCP(rst.l4).SequenceNumber())
+	assert.Equal(t, uint64(1), b.e.Counters().Clients[0].Rejected)
 }
 
 func TestFramesWaitForTheGatewayMAC(t *testing.T) {

@@ -180,30 +180,70 @@ func (w *worker) sendNeighborAdvert(to *port, p *packet, target tcpip.Address, r
 }
 
 // resetFrame is a TCP RST from the remote end of f to the client, with the
-// sequence number the client expects next, so that it drops the connection.
+// sequence number the client expects next, so that it drops the connection
+// at once.
 func (c *client) resetFrame(f *flow) []byte {
 	k := &f.orig
-	remote := tcpip.AddrFromSlice(k.remote[:c.addr(k.family).Len()])
-	local := c.addr(k.family)
+	addrLen := c.addr(k.family).Len()
 	ipLen := header.IPv4MinimumSize
 	if k.family == rules.IPv6 {
 		ipLen = header.IPv6MinimumSize
 	}
 	frame := make([]byte, header.EthernetMinimumSize+ipLen+header.TCPMinimumSize)
+	return encodeReset(frame, k.family, c.mac, c.port.macBytes, tcpip.AddrFromSlice(k.remote[:addrLen]), c.addr(k.family),
+		header.TCPFields{SrcPort: k.remotePort, DstPort: k.localPort, SeqNum: f.remoteNext, Flags: header.TCPFlagRst})
+}
+
+// sendReset answers a client's TCP segment that belongs to no flow with a
+// RST from its destination (RFC 9293 3.10.7.1: the sequence number is the
+// segment's ACK), so that a connection cut by a rule change or lost with
+// its flow fails at once instead of retransmitting into a void.
+func (w *worker) sendReset(c *client, p *packet) {
+	if p.tcpFlags&header.TCPFlagRst != 0 || !c.icmpLimit.allow(w.now, icmpErrorRate, icmpErrorBurst) {
+		return
+	}
+	buf := w.scratchFrame()
+	if buf == nil {
+		return
+	}
+	tcp := header.TCP(p.l4)
+	fields := header.TCPFields{SrcPort: p.dstPort, DstPort: p.srcPort, Flags: header.TCPFlagRst}
+	if p.tcpFlags&header.TCPFlagAck != 0 {
+		fields.SeqNum = tcp.AckNumber()
+	} else {
+		fields.AckNum = tcp.SequenceNumber() + segmentLength(p)
+		fields.Flags |= header.TCPFlagAck
+	}
+	ipLen := header.IPv4MinimumSize
+	if p.family == rules.IPv6 {
+		ipLen = header.IPv6MinimumSize
+	}
+	var peer [header.EthernetAddressSize]byte
+	copy(peer[:], p.eth.SourceAddress())
+	w.send(w.in, encodeReset(buf[:header.EthernetMinimumSize+ipLen+header.TCPMinimumSize], p.family, peer, w.in.macBytes, p.dst, p.src, fields))
+}
+
+// encodeReset writes an Ethernet frame with a bare TCP segment (a RST) into
+// frame, which is exactly large enough.
+func encodeReset(frame []byte, family rules.Family, ethDst, ethSrc [header.EthernetAddressSize]byte, src, dst tcpip.Address, fields header.TCPFields) []byte {
+	clear(frame)
 	ethType := header.IPv4ProtocolNumber
-	if k.family == rules.IPv6 {
+	if family == rules.IPv6 {
 		ethType = header.IPv6ProtocolNumber
 	}
-	header.Ethernet(frame).Encode(&header.EthernetFields{SrcAddr: c.port.mac, DstAddr: tcpip.LinkAddress(c.mac[:]), Type: ethType})
-	if k.family == rules.IPv4 {
-		ip := header.IPv4(frame[header.EthernetMinimumSize:])
-		ip.Encode(&header.IPv4Fields{TotalLength: uint16(ipLen + header.TCPMinimumSize), TTL: replyTTL, Protocol: uint8(header.TCPProtocolNumber), SrcAddr: remote, DstAddr: local})
+	header.Ethernet(frame).Encode(&header.EthernetFields{SrcAddr: tcpip.LinkAddress(ethSrc[:]), DstAddr: tcpip.LinkAddress(ethDst[:]), Type: ethType})
+	ipStart := header.EthernetMinimumSize
+	tcpStart := len(frame) - header.TCPMinimumSize
+	if family == rules.IPv4 {
+		ip := header.IPv4(frame[ipStart:])
+		ip.Encode(&header.IPv4Fields{TotalLength: uint16(len(frame) - ipStart), TTL: replyTTL, Protocol: protoTCP, SrcAddr: src, DstAddr: dst})
 		ip.SetChecksum(^ip.CalculateChecksum())
 	} else {
-		header.IPv6(frame[header.EthernetMinimumSize:]).Encode(&header.IPv6Fields{PayloadLength: header.TCPMinimumSize, TransportProtocol: header.TCPProtocolNumber, HopLimit: replyTTL, SrcAddr: remote, DstAddr: local})
+		header.IPv6(frame[ipStart:]).Encode(&header.IPv6Fields{PayloadLength: header.TCPMinimumSize, TransportProtocol: header.TCPProtocolNumber, HopLimit: replyTTL, SrcAddr: src, DstAddr: dst})
 	}
-	tcp := header.TCP(frame[header.EthernetMinimumSize+ipLen:])
-	tcp.Encode(&header.TCPFields{SrcPort: k.remotePort, DstPort: k.localPort, SeqNum: f.clientAck, DataOffset: header.TCPMinimumSize, Flags: header.TCPFlagRst})
-	tcp.SetChecksum(^tcp.CalculateChecksum(header.PseudoHeaderChecksum(header.TCPProtocolNumber, remote, local, header.TCPMinimumSize)))
+	tcp := header.TCP(frame[tcpStart:])
+	fields.DataOffset = header.TCPMinimumSize
+	tcp.Encode(&fields)
+	tcp.SetChecksum(^tcp.CalculateChecksum(header.PseudoHeaderChecksum(header.TCPProtocolNumber, src, dst, header.TCPMinimumSize)))
 	return frame
 }
