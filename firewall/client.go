@@ -11,11 +11,12 @@ import (
 	"qfw/rules"
 )
 
-// ICMP errors to one client (rejects, time exceeded, too big) are limited
-// to icmpErrorRate per second with bursts of icmpErrorBurst.
+// The error replies one client gets (ICMP rejects, time exceeded, too big,
+// TCP resets) are limited to replyRate per second with bursts of
+// replyBurst, as Linux limits ICMP errors.
 const (
-	icmpErrorRate  = 50
-	icmpErrorBurst = 50
+	replyRate  = 50
+	replyBurst = 50
 )
 
 // client is one attached client qube.
@@ -32,7 +33,7 @@ type client struct {
 	flowHead, flowTail int32 // the client's flows, oldest first
 	flowCount          int
 	counters           ClientCounters
-	icmpLimit          tokenBucket
+	replyLimit         tokenBucket
 	removed            bool
 }
 
@@ -119,12 +120,12 @@ func (w *worker) fromClient(c *client, frame []byte) {
 	}
 	// A router checks the TTL and the MTU before its forward filter.
 	if p.ttl() <= 1 {
-		w.icmpError(w.in, p, &c.icmpLimit, e.clientGateway(p.family), errTimeExceeded, 0)
+		w.icmpError(w.in, p, &c.replyLimit, e.clientGateway(p.family), errTimeExceeded, 0)
 		return
 	}
 	if len(p.network) > e.uplink.mtu {
 		if p.dontFragment() {
-			w.icmpError(w.in, p, &c.icmpLimit, e.clientGateway(p.family), errTooBig, uint32(e.uplink.mtu))
+			w.icmpError(w.in, p, &c.replyLimit, e.clientGateway(p.family), errTooBig, uint32(e.uplink.mtu))
 		}
 		c.counters.Dropped++
 		return
@@ -181,7 +182,7 @@ func (w *worker) clientToGateway(c *client, p *packet) {
 	case p.proto == protoICMPv4 || p.proto == protoICMPv6:
 		c.counters.Dropped++
 	default:
-		w.icmpError(w.in, p, &c.icmpLimit, p.dst, errHostProhibited, 0)
+		w.icmpError(w.in, p, &c.replyLimit, p.dst, errHostProhibited, 0)
 	}
 }
 
@@ -221,7 +222,7 @@ func (w *worker) newFlow(c *client, p *packet, key *flowKey) *flow {
 		w.sendReset(c, p)
 		return nil
 	case rejected:
-		w.icmpError(w.in, p, &c.icmpLimit, e.clientGateway(p.family), errAdminProhibited, 0)
+		w.icmpError(w.in, p, &c.replyLimit, e.clientGateway(p.family), errAdminProhibited, 0)
 		return nil
 	}
 	state := udpUnreplied

@@ -18,7 +18,8 @@
 //     rule walk.
 //  4. New flow: the client's Ruleset decides. Accept creates a conntrack
 //     entry with a random NAT port; Drop answers ICMP admin-prohibited,
-//     rate-limited per client.
+//     rate-limited per client. A TCP segment other than a SYN without a
+//     flow is answered with a RST.
 //  5. From the uplink (fromUplink): ARP and neighbour discovery for our
 //     address and the gateway's, pings to us, then only packets of known
 //     flows and ICMP errors that quote one are translated back and queued
@@ -28,7 +29,8 @@
 //
 // Frames the engine makes itself (replies, ICMP errors) are built in
 // per-goroutine scratch buffers, so steady-state forwarding does not
-// allocate. One mutex (Engine.mu) guards the conntrack table, the clients
+// allocate. IPv4 fragments and IPv6 extension headers are dropped (see
+// packet.parse), never reassembled. One mutex (Engine.mu) guards the conntrack table, the clients
 // and the counters; it is held for a few hundred nanoseconds per packet.
 package firewall
 
@@ -311,10 +313,12 @@ func (e *Engine) removeClient(c *client) {
 
 // SetRules installs a client's rule set for the family of rs (atomically,
 // for new flows), then re-checks that client's existing flows of the family:
-// a flow the new rules reject is removed from the table, and for TCP the
-// client is sent a RST so that its application sees the cut at once (the
-// remote side is not told; its connection times out). rs == nil blocks the
-// family again. It fails if no client has address clientIP.
+// a flow the new rules reject is removed from the table, and for an answered
+// TCP connection the client is sent a RST (with the sequence number it
+// expects next) so that its application sees the cut at once. The remote
+// side is not told; its connection times out. Later segments of a cut
+// connection are answered with RST too. rs == nil blocks the family again.
+// It fails if no client has address clientIP.
 func (e *Engine) SetRules(clientIP netip.Addr, rs *rules.Ruleset) error {
 	e.mu.Lock()
 	c := e.clients[clientIP]

@@ -176,7 +176,7 @@ func TestRejectsAreRateLimited(t *testing.T) {
 	b := newBed(t, testConfig())
 	b.addClient("a", clientAIP, netip.Addr{}, "action=drop")
 	sent := 0
-	for range 3 * icmpErrorBurst / DefaultBatchSize * 2 {
+	for range 3 * replyBurst / DefaultBatchSize * 2 {
 		batch := make([][]byte, DefaultBatchSize)
 		for i := range batch {
 			batch[i] = clientTCP(clientAIP, uint16(1000+i), header.TCPFlagSyn, 1, 0, "")
@@ -184,7 +184,7 @@ func TestRejectsAreRateLimited(t *testing.T) {
 		b.fromClient(clientAIP, batch...)
 		sent += len(b.toClient(clientAIP))
 	}
-	assert.Equal(t, icmpErrorBurst, sent, "a burst, then nothing while time stands still")
+	assert.Equal(t, replyBurst, sent, "a burst, then nothing while time stands still")
 	b.advance(time.Second)
 	b.fromClient(clientAIP, clientTCP(clientAIP, 999, header.TCPFlagSyn, 1, 0, ""))
 	assert.Len(t, b.toClient(clientAIP), 1, "tokens come back with time")

@@ -40,7 +40,7 @@ const (
 // about ICMP errors, broadcast or multicast (RFC 1812 4.3.2.7). mtu is the next-hop
 // MTU of errTooBig.
 func (w *worker) icmpError(to *port, p *packet, limit *tokenBucket, src tcpip.Address, kind icmpErrorKind, mtu uint32) {
-	if src.Len() == 0 || p.isICMPError() || p.notRoutable() || !limit.allow(w.now, icmpErrorRate, icmpErrorBurst) {
+	if src.Len() == 0 || p.isICMPError() || p.notRoutable() || !limit.allow(w.now, replyRate, replyBurst) {
 		return
 	}
 	buf := w.scratchFrame()
@@ -199,7 +199,7 @@ func (c *client) resetFrame(f *flow) []byte {
 // segment's ACK), so that a connection cut by a rule change or lost with
 // its flow fails at once instead of retransmitting into a void.
 func (w *worker) sendReset(c *client, p *packet) {
-	if p.tcpFlags&header.TCPFlagRst != 0 || !c.icmpLimit.allow(w.now, icmpErrorRate, icmpErrorBurst) {
+	if p.tcpFlags&header.TCPFlagRst != 0 || !c.replyLimit.allow(w.now, replyRate, replyBurst) {
 		return
 	}
 	buf := w.scratchFrame()
