@@ -7,7 +7,7 @@
 //
 //  1. Read a batch of frames from a link (routineReadLink) into buffers that
 //     are reused for the engine's lifetime; parse each frame once with
-//     gvisor's header views into a reused packet descriptor (parseFrame).
+//     gvisor's header views into a reused packet descriptor (packet.parse).
 //  2. From a client (fromClient): answer ARP and neighbour solicitations for
 //     the gateway, drop what is not unicast IP addressed to us, drop spoofed
 //     sources, answer pings to the gateway, drop client-to-client traffic,
@@ -27,11 +27,18 @@
 //  6. At the end of the batch, every queued frame is written with one Write
 //     per destination link (flush).
 //
-// Frames the engine makes itself (replies, ICMP errors) are built in
-// per-goroutine scratch buffers, so steady-state forwarding does not
+// Frames the engine makes itself (replies, ICMP errors, resets) are built
+// in per-goroutine scratch buffers, so steady-state forwarding does not
 // allocate. IPv4 fragments and IPv6 extension headers are dropped (see
-// packet.parse), never reassembled. One mutex (Engine.mu) guards the conntrack table, the clients
-// and the counters; it is held for a few hundred nanoseconds per packet.
+// packet.parse), never reassembled. One mutex (Engine.mu) guards the
+// conntrack table, the clients and the counters; a link's goroutine holds
+// it while it processes a batch (about a hundred nanoseconds per packet),
+// never while it writes.
+//
+// Files follow the pipeline: engine.go (Run, routineReadLink), worker.go
+// (processBatch, flush), packet.go (parse, translate), client.go
+// (fromClient ... forwardToUplink), conntrack.go, uplink.go (fromUplink ...
+// forwardToClient), icmp.go and neighbour.go (frames the engine makes).
 package firewall
 
 import (
