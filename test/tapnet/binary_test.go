@@ -7,6 +7,7 @@ import (
 	"errors"
 	"os"
 	"os/exec"
+	"net/netip"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -233,7 +234,9 @@ func TestBinaryEndToEnd(t *testing.T) {
 			t.Skipf("needs %s (Debian packages curl, iputils-ping, dnsutils; .ci/run installs them)", tool)
 		}
 	}
-	tp := newTopology(t, twoClients())
+	dual := client5
+	dual.ip6 = netip.MustParseAddr("fd09:24ef:4179::a89:5")
+	tp := newTopology(t, dual, client7)
 	c5, c7 := tp.client("c5"), tp.client("c7")
 	ctx := testContext(t)
 
@@ -242,6 +245,7 @@ func TestBinaryEndToEnd(t *testing.T) {
 		"action=accept proto=tcp dst4="+serverA.String()+"/32 dstports=80-80",
 		"action=accept proto=icmp",
 		"action=accept specialtarget=dns")
+	ruleTree(db, c5.ip6, "action=accept proto=tcp dst6="+serverB6.String()+"/128")
 	// c7 has rules but no commit key yet: it stays blocked.
 	ruleTree(db, c7.ip4, "action=accept")
 	delete(db, "/qubes-firewall/"+c7.ip4.String())
@@ -249,9 +253,10 @@ func TestBinaryEndToEnd(t *testing.T) {
 	writeQubesDB(t, path, db)
 
 	p := startQFW(t, tp.fw, "-platform", "tap", "-uplink", uplinkTAP,
-		"-client", c5.tap+"="+c5.ip4.String(), "-client", c7.tap+"="+c7.ip4.String(), "-qubesdb", path)
+		"-client", c5.tap+"="+c5.ip4.String()+","+c5.ip6.String(), "-client", c7.tap+"="+c7.ip4.String(), "-qubesdb", path)
 	p.waitFor(t, ctx, "qfw starting", "uplink=up0", "ip=10.137.0.6")
-	p.waitFor(t, ctx, "rules loaded", "client=c5", `result="ok, 3 rules"`)
+	p.waitFor(t, ctx, "rules loaded", "client=c5", "ip=10.137.0.5", `result="ok, 3 rules"`)
+	p.waitFor(t, ctx, "rules loaded", "client=c5", "ip=fd09:24ef:4179::a89:5", `result="ok, 1 rules"`)
 	p.waitFor(t, ctx, "no rules committed", "client=c7")
 	p.waitFor(t, ctx, "qfw running")
 	tp.attach(t)
@@ -264,6 +269,11 @@ func TestBinaryEndToEnd(t *testing.T) {
 	assert.Equal(t, 7, status, "curl serverB must be rejected: %s", out)
 	out, status = c7.curl(ctx, t, serverA.String())
 	assert.Equal(t, 7, status, "c7 has no committed rules: %s", out)
+	out, status = c5.curl(ctx, t, "["+serverB6.String()+"]")
+	assert.Equal(t, 0, status, "curl serverB6: %s", out)
+	assert.Equal(t, "server 2001:db8::20\n", out)
+	out, status = c5.curl(ctx, t, "["+serverA6.String()+"]")
+	assert.Equal(t, 7, status, "curl serverA6 must be rejected: %s", out)
 	p.waitFor(t, ctx, "flows rejected", "client=c5", "IPv4 policy: 1")
 	p.waitFor(t, ctx, "flows rejected", "client=c7", "no rules yet")
 

@@ -85,7 +85,7 @@ func startEngine(t *testing.T, tp *topology) *engineRun {
 	require.NoError(t, err)
 	for _, c := range tp.clients {
 		d := devs[c.tap]
-		require.NoError(t, engine.AddClient(firewall.ClientConfig{Name: c.tap, IP4: c.ip4, MAC: d.KernelMAC(), Link: d}))
+		require.NoError(t, engine.AddClient(firewall.ClientConfig{Name: c.tap, IP4: c.ip4, IP6: c.ip6, MAC: d.KernelMAC(), Link: d}))
 	}
 	tp.attach(t)
 
@@ -107,18 +107,24 @@ func startEngine(t *testing.T, tp *topology) *engineRun {
 // setRules gives a client IPv4 rules as dom0 writes them (policy drop).
 func (e *engineRun) setRules(t *testing.T, c *clientNS, ruleLines ...string) {
 	t.Helper()
-	entries := map[string]string{"policy": "drop"}
+	e.setRulesFor(t, c.ip4, ruleLines...)
+}
+
+// setRulesFor gives the rule tree of one client address (IPv4 or IPv6).
+func (e *engineRun) setRulesFor(t *testing.T, ip netip.Addr, ruleLines ...string) {
+	t.Helper()
 	db := map[string]string{}
-	ruleTree(db, c.ip4, ruleLines...)
-	prefix := "/qubes-firewall/" + c.ip4.String() + "/"
+	ruleTree(db, ip, ruleLines...)
+	entries := map[string]string{}
+	prefix := "/qubes-firewall/" + ip.String() + "/"
 	for k, v := range db {
 		if rel, ok := strings.CutPrefix(k, prefix); ok {
 			entries[rel] = v
 		}
 	}
-	rs := rules.ParseQubesDB(entries, e.cfg.RuleOptions(rules.IPv4, nil))
+	rs := rules.ParseQubesDB(entries, e.cfg.RuleOptions(rules.FamilyOf(ip), nil))
 	require.False(t, rs.Blocked(), "rules do not parse: %v", rs.Errors())
-	require.NoError(t, e.SetRules(c.ip4, rs))
+	require.NoError(t, e.SetRules(ip, rs))
 }
 
 // clientCounters is the engine's counters of one client.
@@ -131,14 +137,6 @@ func (e *engineRun) clientCounters(t *testing.T, c *clientNS) firewall.ClientCou
 	}
 	t.Fatalf("no counters for client %s", c.tap)
 	return firewall.ClientCounters{}
-}
-
-func twoClients() map[string]netip.Addr {
-	return map[string]netip.Addr{"c5": netip.MustParseAddr("10.137.0.5"), "c7": netip.MustParseAddr("10.137.0.7")}
-}
-
-func oneClient() map[string]netip.Addr {
-	return map[string]netip.Addr{"c5": netip.MustParseAddr("10.137.0.5")}
 }
 
 func testContext(t *testing.T) context.Context {
@@ -164,7 +162,7 @@ func assertReset(t *testing.T, err error) {
 }
 
 func TestTCPAllowedAndRejectedFast(t *testing.T) {
-	tp := newTopology(t, oneClient())
+	tp := newTopology(t, client5)
 	e := startEngine(t, tp)
 	c5 := tp.client("c5")
 	e.setRules(t, c5, "action=accept proto=tcp dst4="+serverA.String()+"/32 dstports=80-80")
@@ -190,7 +188,7 @@ func TestTCPAllowedAndRejectedFast(t *testing.T) {
 }
 
 func TestUDPAllowedAndRejected(t *testing.T) {
-	tp := newTopology(t, oneClient())
+	tp := newTopology(t, client5)
 	e := startEngine(t, tp)
 	c5 := tp.client("c5")
 	e.setRules(t, c5, "action=accept proto=udp dst4="+serverA.String()+"/32 dstports=7-7")
@@ -207,7 +205,7 @@ func TestUDPAllowedAndRejected(t *testing.T) {
 }
 
 func TestPing(t *testing.T) {
-	tp := newTopology(t, oneClient())
+	tp := newTopology(t, client5)
 	e := startEngine(t, tp)
 	c5 := tp.client("c5")
 	e.setRules(t, c5, "action=accept proto=icmp dst4="+serverA.String()+"/32")
@@ -289,7 +287,7 @@ func (c *clientNS) probeTTL(ctx context.Context, t *testing.T, to netip.AddrPort
 }
 
 func TestTracerouteTTLExpiry(t *testing.T) {
-	tp := newTopology(t, oneClient())
+	tp := newTopology(t, client5)
 	e := startEngine(t, tp)
 	c5 := tp.client("c5")
 	e.setRules(t, c5, "action=accept")
@@ -304,7 +302,7 @@ func TestTracerouteTTLExpiry(t *testing.T) {
 }
 
 func TestDNSToQubesResolvers(t *testing.T) {
-	tp := newTopology(t, oneClient())
+	tp := newTopology(t, client5)
 	e := startEngine(t, tp)
 	c5 := tp.client("c5")
 	e.setRules(t, c5, "action=accept specialtarget=dns")
@@ -390,7 +388,7 @@ func (c *clientNS) sendUDP(t *testing.T, from netip.Addr, to netip.AddrPort, pay
 }
 
 func TestAntiSpoofing(t *testing.T) {
-	tp := newTopology(t, oneClient())
+	tp := newTopology(t, client5)
 	e := startEngine(t, tp)
 	c5 := tp.client("c5")
 	e.setRules(t, c5, "action=accept")
@@ -418,7 +416,7 @@ func TestAntiSpoofing(t *testing.T) {
 }
 
 func TestClientToClientBlocked(t *testing.T) {
-	tp := newTopology(t, twoClients())
+	tp := newTopology(t, client5, client7)
 	e := startEngine(t, tp)
 	c5, c7 := tp.client("c5"), tp.client("c7")
 	e.setRules(t, c5, "action=accept")
@@ -469,7 +467,7 @@ func skipUntilCutResets(t *testing.T) {
 
 func TestRuleEditCutsOpenConnection(t *testing.T) {
 	skipUntilCutResets(t)
-	tp := newTopology(t, oneClient())
+	tp := newTopology(t, client5)
 	e := startEngine(t, tp)
 	c5 := tp.client("c5")
 	e.setRules(t, c5, "action=accept proto=tcp dst4="+serverA.String()+"/32")
@@ -507,7 +505,7 @@ func TestRuleEditCutsOpenConnection(t *testing.T) {
 }
 
 func TestTwoClientsDifferentRules(t *testing.T) {
-	tp := newTopology(t, twoClients())
+	tp := newTopology(t, client5, client7)
 	e := startEngine(t, tp)
 	c5, c7 := tp.client("c5"), tp.client("c7")
 	e.setRules(t, c5, "action=accept proto=tcp dst4="+serverA.String()+"/32")
@@ -538,4 +536,34 @@ func TestTwoClientsDifferentRules(t *testing.T) {
 			assertRejected(t, results[i], what)
 		}
 	}
+}
+
+func TestIPv6RulesPerFamily(t *testing.T) {
+	dual := client5
+	dual.ip6 = netip.MustParseAddr("fd09:24ef:4179::a89:5")
+	tp := newTopology(t, dual)
+	e := startEngine(t, tp)
+	c5 := tp.client("c5")
+	// dom0 writes one tree per family; each decides only its own family.
+	e.setRules(t, c5, "action=accept proto=tcp dst4="+serverA.String()+"/32")
+	e.setRulesFor(t, c5.ip6, "action=accept proto=tcp dst6="+serverB6.String()+"/128", "action=accept proto=icmp")
+	ctx := testContext(t)
+
+	body, err := c5.httpGet(ctx, serverB6)
+	require.NoError(t, err)
+	assert.Equal(t, "server 2001:db8::20\n", body)
+	body, err = c5.httpGet(ctx, serverA)
+	require.NoError(t, err)
+	assert.Equal(t, "server 203.0.113.10\n", body)
+
+	dialCtx, cancel := context.WithTimeout(ctx, 20*time.Second)
+	defer cancel()
+	_, err = c5.dial(dialCtx, "tcp6", netip.AddrPortFrom(serverA6, httpPort))
+	require.Error(t, err, "TCP to serverA6 must be rejected")
+	// ICMPv6 administratively prohibited reads as EACCES in Linux.
+	assert.True(t, errors.Is(err, syscall.EACCES), "want ICMPv6 admin-prohibited (EACCES), got %v", err)
+	assert.NoError(t, dialCtx.Err())
+
+	out, err := c5.Command(ctx, "ping", "-n", "-c", "1", "-W", "10", serverA6.String()).CombinedOutput()
+	require.NoError(t, err, "ping6 serverA6: %s", out)
 }

@@ -19,6 +19,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 
 	"qfw/firewall"
 	"qfw/test/nstest"
@@ -32,6 +33,11 @@ var (
 	dns2    = netip.MustParseAddr("10.139.1.2")
 	serverA = netip.MustParseAddr("203.0.113.10")
 	serverB = netip.MustParseAddr("203.0.113.20")
+	// IPv6, for topologies with IPv6 clients (Qubes' fd09:24ef:4179::/64).
+	fwIP6    = netip.MustParseAddr("fd09:24ef:4179::a89:6")
+	upGW6    = netip.MustParseAddr("fd09:24ef:4179::a89:1")
+	serverA6 = netip.MustParseAddr("2001:db8::10")
+	serverB6 = netip.MustParseAddr("2001:db8::20")
 	zone    = dnsZone{"a.qfw.test": serverA, "b.qfw.test": serverB}
 )
 
@@ -47,12 +53,22 @@ const uplinkTAP = "up0"
 // testTimeout bounds each test; single operations use shorter deadlines.
 const testTimeout = 60 * time.Second
 
+// clientDef names a client qube's TAP and addresses (ip6 optional).
+type clientDef struct {
+	tap      string
+	ip4, ip6 netip.Addr
+}
+
+var (
+	client5 = clientDef{tap: "c5", ip4: netip.MustParseAddr("10.137.0.5")}
+	client7 = clientDef{tap: "c7", ip4: netip.MustParseAddr("10.137.0.7")}
+)
+
 // clientNS is a client qube: a namespace whose eth0 is the kernel side of
 // the client TAP called tap in the firewall's namespace.
 type clientNS struct {
 	*nstest.NS
-	tap string
-	ip4 netip.Addr
+	clientDef
 }
 
 // topology is the firewall's namespace (where its TAPs are opened), the
@@ -60,21 +76,23 @@ type clientNS struct {
 type topology struct {
 	fw, up  *nstest.NS
 	clients []*clientNS
+	ipv6    bool // some client has IPv6: the uplink has it too
 }
 
 // newTopology makes the namespaces and starts the upstream servers. The
 // TAPs do not exist yet: the engine (or qfw) opens them in tp.fw, then
 // attach moves them to their namespaces.
-func newTopology(t *testing.T, clients map[string]netip.Addr) *topology {
+func newTopology(t *testing.T, clients ...clientDef) *topology {
 	t.Helper()
 	tp := &topology{fw: nstest.New(t, "fw"), up: nstest.New(t, "up")}
-	for tap, ip := range clients {
-		tp.clients = append(tp.clients, &clientNS{NS: nstest.New(t, tap), tap: tap, ip4: ip})
+	for _, c := range clients {
+		tp.clients = append(tp.clients, &clientNS{NS: nstest.New(t, c.tap), clientDef: c})
+		tp.ipv6 = tp.ipv6 || c.ip6.IsValid()
 	}
 	lo, err := tp.up.Netlink.LinkByName("lo")
 	require.NoError(t, err)
-	for _, a := range []netip.Addr{serverA, serverB, dns1, dns2} {
-		require.NoError(t, tp.up.Netlink.AddrAdd(lo, &netlink.Addr{IPNet: hostNet(a)}))
+	for _, a := range []netip.Addr{serverA, serverB, dns1, dns2, serverA6, serverB6} {
+		require.NoError(t, tp.up.Netlink.AddrAdd(lo, &netlink.Addr{IPNet: hostNet(a), Flags: unix.IFA_F_NODAD}))
 	}
 	tp.startServers(t)
 	return tp
@@ -104,7 +122,7 @@ func (tp *topology) startServers(t *testing.T) {
 	var echoU, dnsU []net.PacketConn
 	listenUDP := func(to *[]net.PacketConn, port int, addrs ...netip.Addr) error {
 		for _, a := range addrs {
-			c, err := net.ListenPacket("udp4", netip.AddrPortFrom(a, uint16(port)).String())
+			c, err := net.ListenPacket("udp", netip.AddrPortFrom(a, uint16(port)).String())
 			if err != nil {
 				return err
 			}
@@ -113,16 +131,16 @@ func (tp *topology) startServers(t *testing.T) {
 		return nil
 	}
 	require.NoError(t, tp.up.Do(func() (err error) {
-		if httpL, err = net.Listen("tcp4", fmt.Sprintf(":%d", httpPort)); err != nil {
+		if httpL, err = net.Listen("tcp", fmt.Sprintf(":%d", httpPort)); err != nil {
 			return err
 		}
-		if echoL, err = net.Listen("tcp4", fmt.Sprintf(":%d", echoPort)); err != nil {
+		if echoL, err = net.Listen("tcp", fmt.Sprintf(":%d", echoPort)); err != nil {
 			return err
 		}
 		if dnsL, err = net.Listen("tcp4", fmt.Sprintf(":%d", dnsPort)); err != nil {
 			return err
 		}
-		if err = listenUDP(&echoU, echoPort, serverA, serverB, dns1); err != nil {
+		if err = listenUDP(&echoU, echoPort, serverA, serverB, dns1, serverA6, serverB6); err != nil {
 			return err
 		}
 		return listenUDP(&dnsU, dnsPort, dns1, dns2)
@@ -130,7 +148,7 @@ func (tp *topology) startServers(t *testing.T) {
 	srv := &http.Server{
 		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			local := r.Context().Value(http.LocalAddrContextKey).(net.Addr)
-			fmt.Fprintf(w, "server %s\n", local.(*net.TCPAddr).IP)
+			fmt.Fprintf(w, "server %s\n", local.(*net.TCPAddr).AddrPort().Addr().Unmap())
 		}),
 		ReadHeaderTimeout: 10 * time.Second,
 	}
@@ -190,38 +208,61 @@ func serveUDPEcho(c net.PacketConn) {
 // attach moves the TAPs, which must exist in tp.fw by now, into their
 // namespaces and sets up the kernel side as Qubes does: sys-net routes the
 // firewall's /32 over the uplink; a client has its /32, a permanent
-// neighbour entry for the gateway and a default route through it.
+// neighbour entry for the gateway and a default route through it. IPv6 is
+// set up the same way where a client has it, and turned off elsewhere so
+// that its chatter does not reach the engine.
 func (tp *topology) attach(t *testing.T) {
 	t.Helper()
 	require.NoError(t, tp.fw.MoveLink(uplinkTAP, tp.up))
-	up := tp.up.Netlink
-	link, err := up.LinkByName(uplinkTAP)
-	require.NoError(t, err)
-	require.NoError(t, up.AddrAdd(link, &netlink.Addr{IPNet: hostNet(upGW)}))
-	disableIPv6(t, tp.up, uplinkTAP)
-	require.NoError(t, up.LinkSetUp(link))
-	require.NoError(t, up.RouteAdd(&netlink.Route{
-		LinkIndex: link.Attrs().Index, Dst: hostNet(fwIP), Scope: netlink.SCOPE_LINK,
-	}))
+	peers := map[netip.Addr]netip.Addr{upGW: fwIP}
+	if tp.ipv6 {
+		peers[upGW6] = fwIP6
+	}
+	configureLink(t, tp.up, uplinkTAP, peers)
 
 	for _, c := range tp.clients {
 		require.NoError(t, tp.fw.MoveLink(c.tap, c.NS))
-		h := c.Netlink
-		link, err := h.LinkByName(c.tap)
+		link, err := c.Netlink.LinkByName(c.tap)
 		require.NoError(t, err)
-		require.NoError(t, h.LinkSetName(link, "eth0"))
-		require.NoError(t, h.AddrAdd(link, &netlink.Addr{IPNet: hostNet(c.ip4)}))
-		disableIPv6(t, c.NS, "eth0")
-		require.NoError(t, h.LinkSetUp(link))
-		require.NoError(t, h.NeighAdd(&netlink.Neigh{
-			LinkIndex: link.Attrs().Index, State: netlink.NUD_PERMANENT,
-			IP: fwIP.AsSlice(), HardwareAddr: firewall.GatewayMAC,
-		}))
-		require.NoError(t, h.RouteAdd(&netlink.Route{
-			LinkIndex: link.Attrs().Index, Dst: hostNet(fwIP), Scope: netlink.SCOPE_LINK,
-		}))
-		require.NoError(t, h.RouteAdd(&netlink.Route{
-			LinkIndex: link.Attrs().Index, Gw: fwIP.AsSlice(), Flags: int(netlink.FLAG_ONLINK),
+		require.NoError(t, c.Netlink.LinkSetName(link, "eth0"))
+		peers := map[netip.Addr]netip.Addr{c.ip4: fwIP}
+		if c.ip6.IsValid() {
+			peers[c.ip6] = fwIP6
+		}
+		configureLink(t, c.NS, "eth0", peers)
+		for _, gw := range peers {
+			require.NoError(t, c.Netlink.NeighAdd(&netlink.Neigh{
+				LinkIndex: link.Attrs().Index, State: netlink.NUD_PERMANENT,
+				IP: gw.AsSlice(), HardwareAddr: firewall.GatewayMAC,
+			}))
+			require.NoError(t, c.Netlink.RouteAdd(&netlink.Route{
+				LinkIndex: link.Attrs().Index, Gw: gw.AsSlice(), Flags: int(netlink.FLAG_ONLINK),
+			}))
+		}
+	}
+}
+
+// configureLink gives the link each own address (/32, /128) with a host
+// route to its peer, and brings it up; IPv6 is turned off on the link when
+// it has no IPv6 address.
+func configureLink(t *testing.T, ns *nstest.NS, name string, peers map[netip.Addr]netip.Addr) {
+	t.Helper()
+	link, err := ns.Netlink.LinkByName(name)
+	require.NoError(t, err)
+	ipv6 := false
+	for own := range peers {
+		ipv6 = ipv6 || own.Is6()
+	}
+	if !ipv6 {
+		disableIPv6(t, ns, name)
+	}
+	for own := range peers {
+		require.NoError(t, ns.Netlink.AddrAdd(link, &netlink.Addr{IPNet: hostNet(own), Flags: unix.IFA_F_NODAD}))
+	}
+	require.NoError(t, ns.Netlink.LinkSetUp(link))
+	for _, peer := range peers {
+		require.NoError(t, ns.Netlink.RouteAdd(&netlink.Route{
+			LinkIndex: link.Attrs().Index, Dst: hostNet(peer), Scope: netlink.SCOPE_LINK,
 		}))
 	}
 }
@@ -237,11 +278,14 @@ func disableIPv6(t *testing.T, ns *nstest.NS, iface string) {
 
 // qubesDB is the firewall VM's own QubesDB as dom0 writes it, without rules.
 func (tp *topology) qubesDB() map[string]string {
-	var connected []string
+	var connected, connected6 []string
 	for _, c := range tp.clients {
 		connected = append(connected, c.ip4.String())
+		if c.ip6.IsValid() {
+			connected6 = append(connected6, c.ip6.String())
+		}
 	}
-	return map[string]string{
+	db := map[string]string{
 		"/name":                      "sys-firewall",
 		"/qubes-ip":                  fwIP.String(),
 		"/qubes-netmask":             "255.255.255.255",
@@ -255,8 +299,14 @@ func (tp *topology) qubesDB() map[string]string {
 		"/qubes-netvm-primary-dns":   dns1.String(),
 		"/qubes-netvm-secondary-dns": dns2.String(),
 		"/connected-ips":             strings.Join(connected, " "),
-		"/connected-ips6":            "",
+		"/connected-ips6":            strings.Join(connected6, " "),
 	}
+	if tp.ipv6 {
+		db["/qubes-ip6"] = fwIP6.String()
+		db["/qubes-gateway6"] = upGW6.String()
+		db["/qubes-netvm-gateway6"] = fwIP6.String()
+	}
+	return db
 }
 
 // ruleTree is a client's rule tree as dom0 writes it: numbered rules,
@@ -290,11 +340,11 @@ func (c *clientNS) dial(ctx context.Context, network string, to netip.AddrPort) 
 func (c *clientNS) httpGet(ctx context.Context, addr netip.Addr) (string, error) {
 	client := &http.Client{Transport: &http.Transport{
 		DialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
-			return c.dial(ctx, "tcp4", netip.AddrPortFrom(addr, httpPort))
+			return c.dial(ctx, "tcp", netip.AddrPortFrom(addr, httpPort))
 		},
 		DisableKeepAlives: true,
 	}}
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+addr.String()+"/", nil)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+netip.AddrPortFrom(addr, httpPort).String()+"/", nil)
 	if err != nil {
 		return "", err
 	}
@@ -310,7 +360,7 @@ func (c *clientNS) httpGet(ctx context.Context, addr netip.Addr) (string, error)
 // udpExchange sends payload from the client to a UDP server and returns the
 // first datagram that comes back before ctx ends.
 func (c *clientNS) udpExchange(ctx context.Context, to netip.AddrPort, payload []byte) ([]byte, error) {
-	conn, err := c.dial(ctx, "udp4", to)
+	conn, err := c.dial(ctx, "udp", to)
 	if err != nil {
 		return nil, err
 	}
