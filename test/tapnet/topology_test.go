@@ -38,7 +38,7 @@ var (
 	upGW6    = netip.MustParseAddr("fd09:24ef:4179::a89:1")
 	serverA6 = netip.MustParseAddr("2001:db8::10")
 	serverB6 = netip.MustParseAddr("2001:db8::20")
-	zone    = dnsZone{"a.qfw.test": serverA, "b.qfw.test": serverB}
+	zone     = dnsZone{"a.qfw.test": serverA, "b.qfw.test": serverB}
 )
 
 // Ports the upstream servers listen on (every upstream address).
