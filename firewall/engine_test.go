@@ -641,3 +641,61 @@ func TestClientsAreValidatedAndRemovedByIdentity(t *testing.T) {
 	assert.Equal(t, "a again", b.e.Counters().Clients[0].Name)
 	b.e.RemoveClient(remoteIP) // unknown: no-op
 }
+
+func TestFullTableRefusesNewFlowsUntilSomeExpire(t *testing.T) {
+	cfg := testConfig()
+	cfg.MaxFlows, cfg.MaxFlowsPerClient = 20, 15
+	b := newBed(t, cfg)
+	b.addClient("a", clientAIP, netip.Addr{}, "action=accept")
+	b.addClient("b", clientBIP, netip.Addr{}, "action=accept")
+	established := func(ip netip.Addr, port uint16) bool {
+		b.fromClient(ip, clientTCP(ip, port, header.TCPFlagSyn, 1, 0, ""))
+		out := b.toUplink()
+		if len(out) == 0 {
+			return false
+		}
+		b.fromUplink(remoteTCP(uplinkIP, decode(t, out[0]).srcPort, header.TCPFlagSyn|header.TCPFlagAck, 1, 2, ""))
+		b.fromClient(ip, clientTCP(ip, port, header.TCPFlagAck, 2, 2, ""))
+		b.toUplink()
+		b.toClient(ip)
+		return true
+	}
+	for port := range uint16(15) {
+		require.True(t, established(clientAIP, 1000+port))
+	}
+	for port := range uint16(5) {
+		require.True(t, established(clientBIP, 1000+port))
+	}
+	assert.False(t, established(clientBIP, 2000), "the table is full of live flows")
+	assert.Equal(t, 20, b.e.Counters().Flows)
+
+	// Two days later a's flows are still established (five days), but a
+	// closed one of a's has expired and gives its slot to b.
+	b.fromClient(clientAIP, clientTCP(clientAIP, 1000, header.TCPFlagRst, 2, 0, ""))
+	require.Len(t, b.toUplink(), 1)
+	b.advance(2 * 24 * time.Hour)
+	assert.True(t, established(clientBIP, 2001))
+	counters := b.e.Counters()
+	assert.Equal(t, 14, counters.Clients[0].Flows)
+	assert.Equal(t, 6, counters.Clients[1].Flows)
+}
+
+func TestPingAndUDPWithoutChecksumThroughNAT(t *testing.T) {
+	b := newBed(t, testConfig())
+	b.addClient("a", clientAIP, clientA6, "action=accept")
+	b.fromClient(clientAIP, ipPacket{srcMAC: clientMAC, dstMAC: GatewayMAC, src: clientA6, dst: remoteIP6, proto: protoICMPv6, icmpType: uint8(header.ICMPv6EchoRequest), id: 42, payload: []byte("ping")}.frame())
+	out := one(t, b.toUplink())
+	assert.Equal(t, uplinkIP6, out.srcAddr)
+	natID := header.ICMPv6(out.l4).Ident()
+	b.fromUplink(ipPacket{srcMAC: sysnetMAC, dstMAC: uplinkMAC, src: remoteIP6, dst: uplinkIP6, proto: protoICMPv6, icmpType: uint8(header.ICMPv6EchoReply), id: natID, payload: []byte("ping")}.frame())
+	in := one(t, b.toClient(clientAIP))
+	assert.Equal(t, uint16(42), header.ICMPv6(in.l4).Ident())
+	assert.Equal(t, clientA6, in.dstAddr)
+
+	noChecksum := ipPacket{srcMAC: clientMAC, dstMAC: GatewayMAC, src: clientAIP, dst: remoteIP, proto: protoUDP, sport: 7000, dport: 7000, payload: []byte("x")}.frame()
+	header.UDP(noChecksum[header.EthernetMinimumSize+header.IPv4MinimumSize:]).SetChecksum(0)
+	b.fromClient(clientAIP, noChecksum)
+	out = one(t, b.toUplink())
+	assert.Zero(t, header.UDP(out.l4).Checksum(), "no checksum stays no checksum")
+	assert.Equal(t, uplinkIP, out.srcAddr)
+}
