@@ -274,10 +274,10 @@ func (w *worker) forwardToUplink(c *client, f *flow, p *packet) {
 	p.decrementTTL()
 	p.translate(true, e.uplinkAddr(p.family), f.reply.localPort, f.delta)
 	nb := e.gatewayNeighbour(p.family)
+	p.setEthernet(&nb.mac, &e.uplink.macBytes)
 	if !nb.resolved {
-		nb.enqueue(p.frame)
+		nb.enqueue(p.frame) // learnGateway fills in the destination
 		return
 	}
-	p.setEthernet(&nb.mac, &e.uplink.macBytes)
 	w.send(e.uplink, p.frame)
 }

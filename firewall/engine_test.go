@@ -569,6 +569,7 @@ func TestFramesWaitForTheGatewayMAC(t *testing.T) {
 	for _, f := range queued {
 		d := decode(t, f)
 		assert.Equal(t, sysnetMAC, net.HardwareAddr(d.eth.DestinationAddress()))
+		assert.Equal(t, uplinkMAC, net.HardwareAddr(d.eth.SourceAddress()))
 		assert.Equal(t, uplinkIP, d.srcAddr)
 	}
 
