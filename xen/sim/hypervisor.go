@@ -167,8 +167,6 @@ func (d *Domain) Name() string              { return d.name }
 func (d *Domain) Store() *xenstore.Client   { return d.xs }
 func (d *Domain) Grants() xen.GrantTable    { return d }
 func (d *Domain) Events() xen.EventChannels { return d }
-func (d *Domain) String() string            { return fmt.Sprintf("dom%d(%s)", d.id, d.name) }
-func (d *Domain) Hypervisor() *Hypervisor   { return d.h }
 func (d *Domain) errf(format string, a ...any) error {
 	return fmt.Errorf("sim: dom%d: "+format, append([]any{d.id}, a...)...)
 }

@@ -119,8 +119,10 @@ func awaitServer(ctx context.Context, xs *xenstore.Client, self, server xen.DomI
 		if rerr == nil && perr == nil {
 			return xen.GrantRef(ref), xen.Port(port), nil
 		}
+		// Missing or not yet readable: wait. Anything else is fatal. (The
+		// two reads are not atomic, so one may succeed and the other not.)
 		for _, err := range []error{rerr, perr} {
-			if !errors.Is(err, xenstore.ENOENT) && !errors.Is(err, xenstore.EACCES) {
+			if err != nil && !errors.Is(err, xenstore.ENOENT) && !errors.Is(err, xenstore.EACCES) {
 				return 0, 0, err
 			}
 		}

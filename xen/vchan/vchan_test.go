@@ -328,7 +328,7 @@ func TestCloseUnblocks(t *testing.T) {
 }
 
 func TestDialErrors(t *testing.T) {
-	ctx, _, vm := setup(t)
+	ctx, h, vm := setup(t)
 	_, err := vchan.Dial(ctx, vm, vm.ID(), 1)
 	require.Error(t, err)
 	_, err = vchan.Dial(ctx, vm, 42, 1)
@@ -340,6 +340,16 @@ func TestDialErrors(t *testing.T) {
 	defer cancel()
 	_, err = vchan.Dial(short, vm, xen.Dom0, 5)
 	require.ErrorIs(t, err, context.DeadlineExceeded, "nobody listens")
+
+	// Half a rendezvous (ring-ref without event-channel) means "not yet".
+	dom0 := h.Dom0().Store()
+	half := "/local/domain/0/data/vchan/1/6/ring-ref"
+	require.NoError(t, dom0.Write(ctx, half, []byte("8")))
+	require.NoError(t, dom0.SetPerms(ctx, half, xenstore.Perm{Dom: 0, Access: xenstore.AccessNone}, xenstore.Perm{Dom: 1, Access: xenstore.AccessRead}))
+	short2, cancel2 := context.WithTimeout(ctx, 50*time.Millisecond)
+	defer cancel2()
+	_, err = vchan.Dial(short2, vm, xen.Dom0, 6)
+	require.ErrorIs(t, err, context.DeadlineExceeded, "half-published server")
 
 	_, err = vchan.Listen(ctx, vm, vm.ID(), 1, 0, 0)
 	require.Error(t, err)
@@ -437,4 +447,52 @@ func TestCorruptIndicesFailCleanly(t *testing.T) {
 	xen.Word(m.Pages()[0], 4).Store(1 << 31)
 	_, err = srv.Read(make([]byte, 10))
 	require.ErrorIs(t, err, vchan.ErrCorrupt)
+}
+
+// BenchmarkStream measures one direction of a QubesDB-sized vchan (4 KiB
+// rings) on the simulator, 1 KiB per Write.
+func BenchmarkStream(b *testing.B) {
+	h := sim.New()
+	defer h.Close()
+	vm, err := h.CreateDomain("vm")
+	if err != nil {
+		b.Fatal(err)
+	}
+	ctx := context.Background()
+	srv, err := vchan.Listen(ctx, h.Dom0(), vm.ID(), 111, 4096, 4096)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer srv.Close()
+	cli, err := vchan.Dial(ctx, vm, xen.Dom0, 111)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer cli.Close()
+	msg := make([]byte, 1024)
+	done := make(chan error, 1)
+	go func() {
+		buf := make([]byte, 4096)
+		want := b.N * len(msg)
+		for want > 0 {
+			n, err := srv.Read(buf)
+			if err != nil {
+				done <- err
+				return
+			}
+			want -= n
+		}
+		done <- nil
+	}()
+	b.SetBytes(int64(len(msg)))
+	b.ReportAllocs()
+	b.ResetTimer()
+	for range b.N {
+		if _, err := cli.Write(msg); err != nil {
+			b.Fatal(err)
+		}
+	}
+	if err := <-done; err != nil {
+		b.Fatal(err)
+	}
 }
