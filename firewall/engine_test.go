@@ -8,6 +8,7 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"gvisor.dev/gvisor/pkg/tcpip/checksum"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 
 	"qfw/rules"
@@ -444,7 +445,7 @@ func TestICMPErrorsFromUplinkAreTranslatedForTheClient(t *testing.T) {
 			}
 			udp := header.UDP(q.l4)
 			xsum := header.PseudoHeaderChecksum(header.UDPProtocolNumber, q.src, q.dst, udp.Length())
-			assert.Equal(t, uint16(0xffff), udp.CalculateChecksum(checksumOf(udp.Payload(), xsum)), "quoted UDP checksum")
+			assert.Equal(t, uint16(0xffff), udp.CalculateChecksum(checksum.Checksum(udp.Payload(), xsum)), "quoted UDP checksum")
 			if tc.errType == uint8(header.ICMPv4DstUnreachable) {
 				assert.Equal(t, uint16(1400), header.ICMPv4(d.l4).MTU())
 			}

@@ -203,5 +203,3 @@ func quoted(t testing.TB, d decoded) packet {
 	require.True(t, q.parseQuoted(&d.packet), "quoted packet")
 	return q
 }
-
-func checksumOf(b []byte, initial uint16) uint16 { return checksum.Checksum(b, initial) }
