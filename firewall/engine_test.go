@@ -701,3 +701,34 @@ func TestPingAndUDPWithoutChecksumThroughNAT(t *testing.T) {
 	assert.Zero(t, header.UDP(out.l4).Checksum(), "no checksum stays no checksum")
 	assert.Equal(t, uplinkIP, out.srcAddr)
 }
+
+func TestShortQuotesAndSmallClientMTU(t *testing.T) {
+	b := newBed(t, testConfig())
+	engineEnd, peer := Pipe(GatewayMAC, clientMAC, 1400)
+	require.NoError(t, b.e.AddClient(ClientConfig{Name: "a", IP4: clientAIP, MAC: clientMAC, Link: engineEnd}))
+	b.clients[clientAIP] = &bedClient{peer: peer, w: newWorker(b.e, b.e.clients[clientAIP].port)}
+	b.setRules(clientAIP, "action=accept")
+	b.fromClient(clientAIP, clientTCP(clientAIP, 40000, header.TCPFlagSyn, 1, 0, ""))
+	sent := one(t, b.toUplink())
+
+	// A router quoting only the IP header and 8 bytes (RFC 792).
+	b.fromUplink(ipPacket{srcMAC: sysnetMAC, dstMAC: uplinkMAC, src: addr("192.0.2.1"), dst: uplinkIP, proto: protoICMPv4,
+		icmpType: uint8(header.ICMPv4DstUnreachable), icmpCode: uint8(header.ICMPv4HostUnreachable),
+		rawICMP: sent.network[:header.IPv4MinimumSize+8]}.frame())
+	q := quoted(t, one(t, b.toClient(clientAIP)))
+	assert.Equal(t, clientAIP, addrFromTCPIP(q.src))
+	assert.Equal(t, uint16(40000), q.srcPort)
+	assert.True(t, q.ip4.IsChecksumValid())
+
+	// A reply larger than the client's link with DF: "fragmentation needed"
+	// goes back to the remote, from our uplink address.
+	big := remoteTCP(uplinkIP, sent.srcPort, header.TCPFlagAck, 2, 2, string(make([]byte, 1420)))
+	b.fromUplink(big)
+	assert.Empty(t, b.toClient(clientAIP))
+	d := one(t, b.toUplink())
+	assert.Equal(t, uplinkIP, d.srcAddr)
+	assert.Equal(t, remoteIP, d.dstAddr)
+	assert.Equal(t, uint8(header.ICMPv4FragmentationNeeded), d.icmpCode)
+	assert.Equal(t, uint16(1400), header.ICMPv4(d.l4).MTU())
+	assert.Equal(t, big[header.EthernetMinimumSize:][:icmpv4ErrorMax-header.IPv4MinimumSize-header.ICMPv4MinimumSize], []byte(header.ICMPv4(d.l4).Payload()), "quotes the packet as received")
+}
