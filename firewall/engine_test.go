@@ -239,7 +239,9 @@ func TestPingsToTheFirewallAreAnswered(t *testing.T) {
 	d = one(t, b.toClient(clientAIP))
 	assert.Equal(t, uint8(header.ICMPv6EchoReply), d.icmpType)
 
-	// Other traffic to the gateway is rejected with host-prohibited.
+	// DHCP to the gateway is dropped silently, other traffic rejected with host-prohibited.
+	b.fromClient(clientAIP, ipPacket{srcMAC: clientMAC, dstMAC: GatewayMAC, src: clientAIP, dst: uplinkIP, proto: protoUDP, sport: 68, dport: 67}.frame())
+	assert.Empty(t, b.toClient(clientAIP))
 	b.fromClient(clientAIP, ipPacket{srcMAC: clientMAC, dstMAC: GatewayMAC, src: clientAIP, dst: uplinkIP, proto: protoTCP, sport: 1, dport: 22, flags: header.TCPFlagSyn}.frame())
 	d = one(t, b.toClient(clientAIP))
 	assert.Equal(t, uint8(header.ICMPv4HostProhibited), d.icmpCode)
