@@ -39,15 +39,20 @@ func runTap(ctx context.Context, opts *options, hup <-chan os.Signal, log *slog.
 	if err != nil {
 		return err
 	}
+	resolver, err := attachResolver(engine, &cfg)
+	if err != nil {
+		return err
+	}
 	log.Info("qfw starting", "platform", "tap", "uplink", opts.uplink, "ip", cfg.UplinkIP4,
 		"gateway", cfg.UplinkGateway4, "client_gateway", cfg.ClientGateway4, "dns", cfg.ClientDNS,
 		"clients", opts.clients.String())
-	loader := &ruleLoader{engine: engine, options: cfg.RuleOptions, clients: opts.clients, log: log}
-	loader.apply(db, true)
-
 	done := make(chan error, 1)
 	go func() { done <- engine.Run(ctx) }()
 	log.Info("qfw running", "qubesdb", opts.qubesdb)
+	// Rules load once the engine runs: dsthost lookups go through it.
+	loader := &ruleLoader{engine: engine, options: cfg.RuleOptions, resolver: resolver, clients: opts.clients, log: log}
+	loader.apply(db, true)
+
 	rejects := &rejectReporter{log: log}
 	ticker := time.NewTicker(rejectReportPeriod)
 	defer ticker.Stop()

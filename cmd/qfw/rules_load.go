@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"net/netip"
 	"strings"
 	"time"
@@ -28,10 +27,16 @@ type ruleSetter interface {
 
 // ruleLoader applies the rule trees of a QubesDB snapshot to the clients.
 type ruleLoader struct {
-	engine  ruleSetter
-	options func(rules.Family, rules.Resolver) rules.Options
-	clients []clientSpec
-	log     *slog.Logger
+	engine   ruleSetter
+	options  func(rules.Family, rules.Resolver) rules.Options
+	resolver hostResolver // for dsthost; nil makes dsthost rules fail
+	clients  []clientSpec
+	log      *slog.Logger
+}
+
+// hostResolver looks up the addresses of one family of a dsthost name.
+type hostResolver interface {
+	lookup(ctx context.Context, host string, family rules.Family) ([]netip.Addr, error)
 }
 
 // ruleTree is one /qubes-firewall/<ip>/ directory.
@@ -67,29 +72,54 @@ func ruleTrees(db map[string]string) map[string]*ruleTree {
 // apply loads the rules of every client address whose commit key is present,
 // as a QubesDB watch on /qubes-firewall/<ip> would. At start-up (initial) an
 // address without a commit key is reported: it stays blocked (fail closed).
+// Trees without dsthost go first, so that waiting for DNS delays no one else.
 func (l *ruleLoader) apply(db map[string]string, initial bool) {
 	trees := ruleTrees(db)
-	resolver := &systemResolver{deadline: time.Now().Add(resolveBudget)}
+	ctx, cancel := context.WithTimeout(context.Background(), resolveBudget)
+	defer cancel()
+	resolver := l.loadResolver(ctx)
+	type job struct {
+		client clientSpec
+		ip     netip.Addr
+		tree   *ruleTree
+	}
+	var now, later []job
 	for _, c := range l.clients {
 		for _, ip := range c.addrs() {
 			// dom0 writes the address as Python prints it: the canonical text.
 			tree := trees[ip.String()]
 			delete(trees, ip.String())
-			if tree == nil || !tree.committed {
+			switch {
+			case tree == nil || !tree.committed:
 				if initial {
 					l.log.Warn("no rules committed, blocking all traffic", "client", c.tap, "ip", ip,
 						"reason", "QubesDB has no "+firewallDir+ip.String())
 				}
-				continue
+			case tree.needsDNS():
+				later = append(later, job{c, ip, tree})
+			default:
+				now = append(now, job{c, ip, tree})
 			}
-			l.load(c, ip, tree, resolver)
 		}
+	}
+	for _, j := range append(now, later...) {
+		l.load(j.client, j.ip, j.tree, resolver)
 	}
 	for ip, tree := range trees {
 		if tree.committed {
 			l.log.Warn("rules for an address that is no client, ignored", "ip", ip)
 		}
 	}
+}
+
+// needsDNS reports whether a tree names hosts to resolve.
+func (t *ruleTree) needsDNS() bool {
+	for _, v := range t.entries {
+		if strings.Contains(v, "dsthost=") {
+			return true
+		}
+	}
+	return false
 }
 
 func (l *ruleLoader) load(c clientSpec, ip netip.Addr, tree *ruleTree, resolver rules.Resolver) {
@@ -107,22 +137,37 @@ func (l *ruleLoader) load(c clientSpec, ip netip.Addr, tree *ruleTree, resolver 
 	l.log.Info("rules loaded", "client", c.tap, "ip", ip, "result", fmt.Sprintf("ok, %d rules", len(rs.Rules())))
 }
 
-// systemResolver resolves dsthost names through this machine's resolver, as
-// the Linux agent's getaddrinfo does; all lookups share one deadline.
-type systemResolver struct {
-	deadline time.Time
+// loadResolver is the rules.Resolver of one load: its lookups share ctx and
+// each name is asked once.
+func (l *ruleLoader) loadResolver(ctx context.Context) rules.Resolver {
+	if l.resolver == nil {
+		return nil
+	}
+	return &cachingResolver{ctx: ctx, hosts: l.resolver, cache: make(map[cacheKey]cached)}
 }
 
-func (r *systemResolver) LookupHost(host string, family rules.Family) ([]netip.Addr, error) {
-	ctx, cancel := context.WithDeadline(context.Background(), r.deadline)
-	defer cancel()
-	network := "ip4"
-	if family == rules.IPv6 {
-		network = "ip6"
+type cacheKey struct {
+	host   string
+	family rules.Family
+}
+
+type cached struct {
+	addrs []netip.Addr
+	err   error
+}
+
+type cachingResolver struct {
+	ctx   context.Context
+	hosts hostResolver
+	cache map[cacheKey]cached
+}
+
+func (r *cachingResolver) LookupHost(host string, family rules.Family) ([]netip.Addr, error) {
+	k := cacheKey{host, family}
+	if c, ok := r.cache[k]; ok {
+		return c.addrs, c.err
 	}
-	addrs, err := net.DefaultResolver.LookupNetIP(ctx, network, host)
-	for i, a := range addrs {
-		addrs[i] = a.Unmap()
-	}
+	addrs, err := r.hosts.lookup(r.ctx, host, family)
+	r.cache[k] = cached{addrs, err}
 	return addrs, err
 }

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"log/slog"
 	"net/netip"
 	"testing"
@@ -88,4 +89,38 @@ func TestApplyBlocksUnparsableTree(t *testing.T) {
 	assert.True(t, engine[client7.ip4].Blocked())
 	assert.Contains(t, logs.String(), "blocked: ")
 	assert.Contains(t, logs.String(), "policy")
+}
+
+// countingResolver answers every name with one address and counts lookups.
+type countingResolver struct{ calls int }
+
+func (r *countingResolver) lookup(_ context.Context, host string, _ rules.Family) ([]netip.Addr, error) {
+	r.calls++
+	return []netip.Addr{netip.MustParseAddr("192.0.2.9")}, nil
+}
+
+// orderEngine records the order of SetRules calls.
+type orderEngine struct{ order []netip.Addr }
+
+func (o *orderEngine) SetRules(ip netip.Addr, rs *rules.Ruleset) error {
+	o.order = append(o.order, ip)
+	return nil
+}
+
+func TestApplyResolvesDsthostOnceAndLast(t *testing.T) {
+	loader, _, _ := newLoader(client5, client7)
+	engine := &orderEngine{}
+	hosts := &countingResolver{}
+	loader.engine, loader.resolver = engine, hosts
+	loader.apply(map[string]string{
+		"/qubes-firewall/10.137.0.5":        "",
+		"/qubes-firewall/10.137.0.5/policy": "drop",
+		"/qubes-firewall/10.137.0.5/0000":   "action=accept proto=tcp dsthost=a.example",
+		"/qubes-firewall/10.137.0.5/0001":   "action=accept proto=udp dsthost=a.example",
+		"/qubes-firewall/10.137.0.7":        "",
+		"/qubes-firewall/10.137.0.7/policy": "drop",
+		"/qubes-firewall/10.137.0.7/0000":   "action=accept",
+	}, true)
+	assert.Equal(t, []netip.Addr{client7.ip4, client5.ip4}, engine.order, "the client waiting for DNS goes last")
+	assert.Equal(t, 1, hosts.calls, "one lookup per name and load")
 }

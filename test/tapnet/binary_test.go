@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -189,18 +190,24 @@ func startQFW(t *testing.T, ns *nstest.NS, args ...string) *qfwProcess {
 }
 
 // waitFor returns the next log line that contains every one of parts.
-func (p *qfwProcess) waitFor(t *testing.T, ctx context.Context, parts ...string) string {
+func (p *qfwProcess) waitFor(t *testing.T, ctx context.Context, parts ...string) {
 	t.Helper()
-	for {
+	p.waitForLines(t, ctx, parts)
+}
+
+// waitForLines reads log lines until, for each pattern, a line contained
+// all of its parts, in any order.
+func (p *qfwProcess) waitForLines(t *testing.T, ctx context.Context, patterns ...[]string) {
+	t.Helper()
+	missing := slices.Clone(patterns)
+	for len(missing) > 0 {
 		select {
 		case line := <-p.lines:
-			if containsAll(line, parts) {
-				return line
-			}
+			missing = slices.DeleteFunc(missing, func(parts []string) bool { return containsAll(line, parts) })
 		case <-p.ended:
-			t.Fatalf("qfw ended before logging %q", parts)
+			t.Fatalf("qfw ended before logging %q", missing)
 		case <-ctx.Done():
-			t.Fatalf("qfw did not log %q in time", parts)
+			t.Fatalf("qfw did not log %q in time", missing)
 		}
 	}
 }
@@ -243,7 +250,7 @@ func TestBinaryEndToEnd(t *testing.T) {
 	db := tp.qubesDB()
 	ruleTree(db, c5.ip4,
 		"action=accept proto=tcp dst4="+serverA.String()+"/32 dstports=80-80",
-		"action=accept proto=icmp",
+		"action=accept proto=icmp dsthost=b.qfw.test", // resolved through the uplink
 		"action=accept specialtarget=dns")
 	ruleTree(db, c5.ip6, "action=accept proto=tcp dst6="+serverB6.String()+"/128")
 	// c7 has rules but no commit key yet: it stays blocked.
@@ -255,11 +262,13 @@ func TestBinaryEndToEnd(t *testing.T) {
 	p := startQFW(t, tp.fw, "-platform", "tap", "-uplink", uplinkTAP,
 		"-client", c5.tap+"="+c5.ip4.String()+","+c5.ip6.String(), "-client", c7.tap+"="+c7.ip4.String(), "-qubesdb", path)
 	p.waitFor(t, ctx, "qfw starting", "uplink=up0", "ip=10.137.0.6")
-	p.waitFor(t, ctx, "rules loaded", "client=c5", "ip=10.137.0.5", `result="ok, 3 rules"`)
-	p.waitFor(t, ctx, "rules loaded", "client=c5", "ip=fd09:24ef:4179::a89:5", `result="ok, 1 rules"`)
-	p.waitFor(t, ctx, "no rules committed", "client=c7")
 	p.waitFor(t, ctx, "qfw running")
+	// The dsthost lookup waits for the uplink to be attached.
 	tp.attach(t)
+	p.waitForLines(t, ctx,
+		[]string{"rules loaded", "client=c5", "ip=10.137.0.5", `result="ok, 3 rules"`},
+		[]string{"rules loaded", "client=c5", "ip=fd09:24ef:4179::a89:5", `result="ok, 1 rules"`},
+		[]string{"no rules committed", "client=c7"})
 
 	out, status := c5.curl(ctx, t, serverA.String())
 	assert.Equal(t, 0, status, "curl serverA: %s", out)
@@ -278,7 +287,10 @@ func TestBinaryEndToEnd(t *testing.T) {
 	p.waitFor(t, ctx, "flows rejected", "client=c7", "no rules yet")
 
 	ping, err := c5.Command(ctx, "ping", "-n", "-c", "1", "-W", "10", serverB.String()).CombinedOutput()
-	assert.NoError(t, err, "ping: %s", ping)
+	assert.NoError(t, err, "ping b.qfw.test: %s", ping)
+	ping, err = c5.Command(ctx, "ping", "-n", "-c", "1", "-W", "10", serverA.String()).CombinedOutput()
+	assert.Error(t, err, "ping serverA is not allowed: %s", ping)
+	assert.Contains(t, string(ping), "Packet filtered")
 	ping, err = c5.Command(ctx, "ping", "-n", "-c", "1", "-W", "10", "-t", "1", serverB.String()).CombinedOutput()
 	assert.Error(t, err)
 	assert.Contains(t, string(ping), "From 10.137.0.6 icmp_seq=1 Time to live exceeded")
@@ -291,11 +303,12 @@ func TestBinaryEndToEnd(t *testing.T) {
 
 	// A rule edit in the GUI: c5 may now reach serverB only, c7 is committed.
 	ruleTree(db, c5.ip4, "action=accept proto=tcp dst4="+serverB.String()+"/32")
-	ruleTree(db, c7.ip4, "action=accept proto=tcp dst4="+serverA.String()+"/32 dstports=80-80")
+	ruleTree(db, c7.ip4, "action=accept proto=tcp dsthost=a.qfw.test dstports=80-80")
 	writeQubesDB(t, path, db)
 	require.NoError(t, p.cmd.Process.Signal(syscall.SIGHUP))
-	p.waitFor(t, ctx, "rules loaded", "client=c5", `result="ok, 1 rules"`)
-	p.waitFor(t, ctx, "rules loaded", "client=c7", `result="ok, 1 rules"`)
+	p.waitForLines(t, ctx,
+		[]string{"rules loaded", "client=c5", "ip=10.137.0.5", `result="ok, 1 rules"`},
+		[]string{"rules loaded", "client=c7", `result="ok, 1 rules"`})
 
 	out, status = c5.curl(ctx, t, serverA.String())
 	assert.Equal(t, 7, status, "after the edit c5 may not reach serverA: %s", out)
@@ -313,11 +326,16 @@ func TestBinaryEndToEnd(t *testing.T) {
 	assert.Equal(t, 0, status, "a broken file must not change the rules: %s", out)
 
 	ruleTree(db, c5.ip4, "action=accept proto=tcp dst4="+serverB.String()+"/32 bogus=1")
+	ruleTree(db, c7.ip4, "action=accept proto=tcp dst4="+serverA.String()+"/32", "action=accept dsthost=nx.qfw.test")
 	writeQubesDB(t, path, db)
 	require.NoError(t, p.cmd.Process.Signal(syscall.SIGHUP))
-	p.waitFor(t, ctx, "rules loaded", "client=c5", `result="blocked: `)
+	p.waitForLines(t, ctx,
+		[]string{"rules loaded", "client=c5", "ip=10.137.0.5", `result="blocked: `, "bogus"},
+		[]string{"rules loaded", "client=c7", `result="blocked: `, "nx.qfw.test"})
 	out, status = c5.curl(ctx, t, serverB.String())
 	assert.Equal(t, 7, status, "unparsable rules block the client: %s", out)
+	out, status = c7.curl(ctx, t, serverA.String())
+	assert.Equal(t, 7, status, "a dsthost that does not resolve blocks the client: %s", out)
 
 	require.NoError(t, p.cmd.Process.Signal(syscall.SIGTERM))
 	p.waitFor(t, ctx, "qfw stopped")
