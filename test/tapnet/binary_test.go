@@ -5,6 +5,8 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"io"
+	"net/http"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -301,6 +303,27 @@ func TestBinaryEndToEnd(t *testing.T) {
 		assert.Equal(t, serverA.String()+"\n", string(dig), "dig %s", transport)
 	}
 
+	// A connection open across the edit: HTTP keep-alive to serverA.
+	conn, err := c5.dial(ctx, "tcp4", netip.AddrPortFrom(serverA, httpPort))
+	require.NoError(t, err)
+	defer conn.Close()
+	deadline, _ := ctx.Deadline()
+	conn.SetDeadline(deadline)
+	keepAlive := bufio.NewReader(conn)
+	get := func() error {
+		if _, err := conn.Write([]byte("GET / HTTP/1.1\r\nHost: a\r\n\r\n")); err != nil {
+			return err
+		}
+		resp, err := http.ReadResponse(keepAlive, nil)
+		if err != nil {
+			return err
+		}
+		_, err = io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		return err
+	}
+	require.NoError(t, get())
+
 	// A rule edit in the GUI: c5 may now reach serverB only, c7 is committed.
 	ruleTree(db, c5.ip4, "action=accept proto=tcp dst4="+serverB.String()+"/32")
 	ruleTree(db, c7.ip4, "action=accept proto=tcp dsthost=a.qfw.test dstports=80-80")
@@ -310,6 +333,9 @@ func TestBinaryEndToEnd(t *testing.T) {
 		[]string{"rules loaded", "client=c5", "ip=10.137.0.5", `result="ok, 1 rules"`},
 		[]string{"rules loaded", "client=c7", `result="ok, 1 rules"`})
 
+	err = get()
+	require.Error(t, err, "the open connection to serverA survived rules that forbid it")
+	assertReset(t, err)
 	out, status = c5.curl(ctx, t, serverA.String())
 	assert.Equal(t, 7, status, "after the edit c5 may not reach serverA: %s", out)
 	out, status = c5.curl(ctx, t, serverB.String())
