@@ -9,6 +9,8 @@
 package tap
 
 import (
+	"bytes"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
@@ -33,8 +35,11 @@ type Device struct {
 	conn      syscall.RawConn
 	mtu       int
 	mac       net.HardwareAddr // the engine's own address on this link
-	kernelMAC net.HardwareAddr // the address of the kernel's TAP interface
-	closed    atomic.Bool
+	kernelMAC net.HardwareAddr // the kernel interface's address at Open
+	// current is the kernel interface's address now, learned from the
+	// source of the frames it sends (48 bits in a uint64).
+	current atomic.Uint64
+	closed  atomic.Bool
 }
 
 // Open attaches to the TAP interface called name in the current network
@@ -75,14 +80,23 @@ func Open(name string, mac net.HardwareAddr) (*Device, error) {
 		file.Close()
 		return nil, fmt.Errorf("tap %s: read interface: %w", name, err)
 	}
-	return &Device{
+	d := &Device{
 		name:      name,
 		file:      file,
 		conn:      conn,
 		mtu:       iface.MTU,
 		mac:       append(net.HardwareAddr(nil), mac...),
 		kernelMAC: iface.HardwareAddr,
-	}, nil
+	}
+	d.current.Store(macBits(iface.HardwareAddr))
+	return d, nil
+}
+
+// macBits packs a 6-byte address into an integer.
+func macBits(mac []byte) uint64 {
+	var b [8]byte
+	copy(b[2:], mac[:6])
+	return binary.BigEndian.Uint64(b[:])
 }
 
 // validName applies the kernel's rules for interface names, so that a bad
@@ -122,8 +136,11 @@ func (d *Device) MTU() int { return d.mtu }
 // MAC is the engine's own address on this link.
 func (d *Device) MAC() net.HardwareAddr { return d.mac }
 
-// KernelMAC is the address of the kernel's TAP interface, i.e. of the Linux
-// stack at the other end of this link.
+// KernelMAC is the address the kernel's TAP interface had at Open, i.e. of
+// the Linux stack at the other end of this link. If the interface is given
+// another address later (as Qubes gives every client 00:16:3e:5e:6c:00),
+// Write delivers frames addressed to this one to the new address, learned
+// from the frames the kernel sends: the engine keeps working.
 func (d *Device) KernelMAC() net.HardwareAddr { return d.kernelMAC }
 
 // BatchSize is the most frames one Read returns.
@@ -158,6 +175,7 @@ func (d *Device) Read(bufs [][]byte, sizes []int) (int, error) {
 			case m > len(buf):
 				continue // the kernel cut the frame: drop it
 			}
+			d.learn(buf[:m])
 			sizes[n] = m
 			n++
 		}
@@ -172,6 +190,35 @@ func (d *Device) Read(bufs [][]byte, sizes []int) (int, error) {
 	return 0, readErr
 }
 
+// learn notes the kernel interface's address from the source of a frame it
+// sent.
+func (d *Device) learn(frame []byte) {
+	if len(frame) < ethHeaderLen || frame[6]&1 != 0 { // a multicast source is bogus
+		return
+	}
+	if bits := macBits(frame[6:12]); bits != d.current.Load() {
+		d.current.Store(bits)
+	}
+}
+
+// ethHeaderLen is the size of an Ethernet header.
+const ethHeaderLen = 14
+
+// write sends one frame. A frame for the interface's address at Open goes to
+// its current address when that changed: the header is rewritten in a copy,
+// the caller's buffer is left alone.
+func (d *Device) write(fd int, frame []byte) error {
+	cur := d.current.Load()
+	if len(frame) < ethHeaderLen || !bytes.Equal(frame[:6], d.kernelMAC) || cur == macBits(d.kernelMAC) {
+		_, err := unix.Write(fd, frame)
+		return err
+	}
+	var dst [8]byte
+	binary.BigEndian.PutUint64(dst[:], cur)
+	_, err := unix.Writev(fd, [][]byte{dst[2:], frame[6:]})
+	return err
+}
+
 // Write sends each frame to the kernel as if received on the TAP interface.
 // A frame the kernel refuses (interface down, malformed frame) is dropped as
 // a real wire would; only a closed or broken descriptor is an error.
@@ -180,7 +227,7 @@ func (d *Device) Write(bufs [][]byte) (int, error) {
 	var writeErr error
 	err := d.conn.Write(func(fd uintptr) bool {
 		for n < len(bufs) {
-			_, err := unix.Write(int(fd), bufs[n])
+			err := d.write(int(fd), bufs[n])
 			switch err {
 			case nil:
 			case unix.EINTR:

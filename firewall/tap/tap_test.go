@@ -284,3 +284,41 @@ func TestOpenErrorsNameWhatFailed(t *testing.T) {
 		})
 	}
 }
+
+func TestWriteFollowsKernelMACChange(t *testing.T) {
+	ns, dev := openInNS(t, "qtap6")
+	opened := dev.KernelMAC()
+	qubesMAC := net.HardwareAddr{0x00, 0x16, 0x3e, 0x5e, 0x6c, 0x00}
+	link, err := ns.Netlink.LinkByName("qtap6")
+	require.NoError(t, err)
+	require.NoError(t, ns.Netlink.LinkSetHardwareAddr(link, qubesMAC))
+
+	var sock *net.UDPConn
+	require.NoError(t, ns.Do(func() (err error) {
+		sock, err = net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(kernelIP, 9999)))
+		return err
+	}))
+	defer sock.Close()
+	// The kernel speaks first (as a client does): its frames show the new
+	// MAC. A new MAC flushes the neighbours, so it asks for engineIP first.
+	_, err = sock.WriteToUDPAddrPort([]byte("hello"), netip.AddrPortFrom(engineIP, 7777))
+	require.NoError(t, err)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	f := readFrames(ctx, t, dev, func(f []byte) bool {
+		return len(f) >= header.EthernetMinimumSize && header.Ethernet(f).Type() == header.ARPProtocolNumber
+	})
+	assert.Equal(t, tcpip.LinkAddress(qubesMAC), header.Ethernet(f).SourceAddress())
+	assert.Equal(t, opened, dev.KernelMAC(), "KernelMAC stays what the engine was told")
+
+	frame := udpFrame(dev, "to the old MAC")
+	original := append([]byte(nil), frame...)
+	_, err = dev.Write([][]byte{frame})
+	require.NoError(t, err)
+	assert.Equal(t, original, frame, "the caller's frame is not modified")
+	require.NoError(t, sock.SetReadDeadline(time.Now().Add(10*time.Second)))
+	buf := make([]byte, 100)
+	m, err := sock.Read(buf)
+	require.NoError(t, err, "a frame for the old MAC must reach the renamed interface")
+	assert.Equal(t, "to the old MAC", string(buf[:m]))
+}

@@ -50,6 +50,9 @@ const (
 
 const uplinkTAP = "up0"
 
+// qubesClientMAC is the MAC of every client qube's eth0.
+var qubesClientMAC = net.HardwareAddr{0x00, 0x16, 0x3e, 0x5e, 0x6c, 0x00}
+
 // testTimeout bounds each test; single operations use shorter deadlines.
 const testTimeout = 60 * time.Second
 
@@ -225,6 +228,9 @@ func (tp *topology) attach(t *testing.T) {
 		link, err := c.Netlink.LinkByName(c.tap)
 		require.NoError(t, err)
 		require.NoError(t, c.Netlink.LinkSetName(link, "eth0"))
+		// Qubes gives every client the same MAC, after the firewall has
+		// opened the TAP: the TAP link must follow the change.
+		require.NoError(t, c.Netlink.LinkSetHardwareAddr(link, qubesClientMAC))
 		peers := map[netip.Addr]netip.Addr{c.ip4: fwIP}
 		if c.ip6.IsValid() {
 			peers[c.ip6] = fwIP6
