@@ -142,7 +142,11 @@ func (r *rendezvous) unpublish(ctx context.Context) error {
 	}
 	dir := "data/vchan/" + strconv.Itoa(int(r.client))
 	err := r.xs.Transaction(ctx, func(tx *xenstore.Tx) error {
-		if err := tx.Rm(ctx, basePath(r.client, r.port)); err != nil {
+		// ENOENT: the parent is gone too, e.g. an earlier attempt committed
+		// but was cancelled before its reply came back.
+		if err := tx.Rm(ctx, basePath(r.client, r.port)); errors.Is(err, xenstore.ENOENT) {
+			return nil
+		} else if err != nil {
 			return err
 		}
 		names, err := tx.Directory(ctx, dir)
