@@ -558,3 +558,42 @@ func TestIPv6RulesPerFamily(t *testing.T) {
 	out, err := c5.Command(ctx, "ping", "-n", "-c", "1", "-W", "10", serverA6.String()).CombinedOutput()
 	require.NoError(t, err, "ping6 serverA6: %s", out)
 }
+
+func TestInboundFromUpstreamDropped(t *testing.T) {
+	tp := newTopology(t, client5)
+	e := startEngine(t, tp)
+	c5 := tp.client("c5")
+	e.setRules(t, c5, "action=accept")
+	ctx := testContext(t)
+	// The path works outbound.
+	_, err := c5.httpGet(ctx, serverA)
+	require.NoError(t, err)
+
+	var l net.Listener
+	require.NoError(t, c5.Do(func() (err error) {
+		l, err = net.Listen("tcp4", ":8080")
+		return err
+	}))
+	defer l.Close()
+	// A hostile sys-net routes the client's address to the firewall.
+	link, err := tp.up.Netlink.LinkByName(uplinkTAP)
+	require.NoError(t, err)
+	require.NoError(t, tp.up.Netlink.RouteAdd(&netlink.Route{
+		LinkIndex: link.Attrs().Index, Dst: hostNet(c5.ip4), Gw: fwIP.AsSlice(),
+	}))
+	dialCtx, cancel := context.WithTimeout(ctx, 3*time.Second)
+	defer cancel()
+	var conn net.Conn
+	err = tp.up.Do(func() (err error) {
+		var d net.Dialer
+		conn, err = d.DialContext(dialCtx, "tcp4", netip.AddrPortFrom(c5.ip4, 8080).String())
+		return err
+	})
+	if err == nil {
+		conn.Close()
+	}
+	require.Error(t, err, "a connection from upstream reached the client")
+	var netErr net.Error
+	assert.True(t, errors.As(err, &netErr) && netErr.Timeout(), "unsolicited inbound is dropped without an answer, got %v", err)
+	assert.Greater(t, e.Counters().Uplink.Dropped, uint64(0))
+}
