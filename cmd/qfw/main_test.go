@@ -1,7 +1,9 @@
 package main
 
 import (
+	"bytes"
 	"net/netip"
+	"path/filepath"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -64,4 +66,19 @@ func TestParseArgsBoundsClients(t *testing.T) {
 	_, err := parseArgs(args)
 	require.Error(t, err)
 	assert.Contains(t, err.Error(), "more than 256 clients")
+}
+
+func TestRunExitStatusAndMessages(t *testing.T) {
+	var out bytes.Buffer
+	assert.Equal(t, 0, run([]string{"-h"}, &out))
+	assert.Contains(t, out.String(), "usage: qfw -platform tap")
+
+	out.Reset()
+	assert.Equal(t, 2, run([]string{"-platform", "tap"}, &out))
+	assert.Equal(t, "qfw: -uplink TAP is required (qfw -h for usage)\n", out.String())
+
+	out.Reset()
+	missing := filepath.Join(t.TempDir(), "absent.json")
+	assert.Equal(t, 1, run([]string{"-platform", "tap", "-uplink", "u", "-qubesdb", missing}, &out))
+	assert.Equal(t, "qfw: QubesDB file: open "+missing+": no such file or directory\n", out.String())
 }

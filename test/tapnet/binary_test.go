@@ -56,7 +56,7 @@ func qfwBinary(t *testing.T) string {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 		defer cancel()
 		path := filepath.Join(binDir, "qfw")
-		out, err := exec.CommandContext(ctx, "go", "build", "-o", path, "qfw/cmd/qfw").CombinedOutput()
+		out, err := exec.CommandContext(ctx, "go", "build", "-buildvcs=false", "-o", path, "qfw/cmd/qfw").CombinedOutput()
 		if err != nil {
 			buildOnce.err = errors.New("go build qfw/cmd/qfw: " + err.Error() + ": " + string(out))
 			return
