@@ -61,6 +61,7 @@ func runTap(ctx context.Context, opts *options, hup <-chan os.Signal, log *slog.
 		case <-ticker.C:
 			rejects.report(engine.Counters())
 		case err := <-done:
+			rejects.report(engine.Counters()) // what the last period saw
 			if err != nil {
 				return err
 			}
