@@ -14,9 +14,13 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 
+	"qfw/firewall"
 	"qfw/firewall/tap"
 	"qfw/test/nstest"
 )
+
+// The engine takes a Device as a link.
+var _ firewall.Link = (*tap.Device)(nil)
 
 var (
 	engineMAC = net.HardwareAddr{0x02, 0, 0, 0, 0, 0x02}
