@@ -10,9 +10,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/google/gopacket"
-	"github.com/google/gopacket/layers"
 	"github.com/stretchr/testify/require"
+	"golang.org/x/net/dns/dnsmessage"
 )
 
 // dnsZone is what the upstream DNS server answers: A records only.
@@ -21,30 +20,38 @@ type dnsZone map[string]netip.Addr
 // answer builds the reply to one DNS query, or nil for something that is not
 // a query (dropped, as a server would).
 func (z dnsZone) answer(query []byte) []byte {
-	var q layers.DNS
-	if err := q.DecodeFromBytes(query, gopacket.NilDecodeFeedback); err != nil || q.QR || len(q.Questions) != 1 {
+	var p dnsmessage.Parser
+	h, err := p.Start(query)
+	if err != nil || h.Response {
 		return nil
 	}
-	question := q.Questions[0]
-	reply := layers.DNS{
-		ID: q.ID, QR: true, OpCode: q.OpCode, AA: true, RD: q.RD, RA: true,
-		Questions: q.Questions, ResponseCode: layers.DNSResponseCodeNXDomain,
+	q, err := p.Question()
+	if err != nil {
+		return nil
 	}
-	name := strings.ToLower(strings.TrimSuffix(string(question.Name), "."))
-	if addr, ok := z[name]; ok {
-		reply.ResponseCode = layers.DNSResponseCodeNoErr
-		if question.Type == layers.DNSTypeA && question.Class == layers.DNSClassIN {
-			reply.Answers = []layers.DNSResourceRecord{{
-				Name: question.Name, Type: layers.DNSTypeA, Class: layers.DNSClassIN,
-				TTL: 60, IP: addr.AsSlice(),
-			}}
+	addr, known := z[strings.ToLower(strings.TrimSuffix(q.Name.String(), "."))]
+	rcode := dnsmessage.RCodeNameError
+	if known {
+		rcode = dnsmessage.RCodeSuccess
+	}
+	b := dnsmessage.NewBuilder(nil, dnsmessage.Header{
+		ID: h.ID, Response: true, Authoritative: true, RecursionDesired: h.RecursionDesired,
+		RecursionAvailable: true, RCode: rcode,
+	})
+	if b.StartQuestions() != nil || b.Question(q) != nil || b.StartAnswers() != nil {
+		return nil
+	}
+	if known && q.Type == dnsmessage.TypeA && q.Class == dnsmessage.ClassINET {
+		rh := dnsmessage.ResourceHeader{Name: q.Name, Class: dnsmessage.ClassINET, TTL: 60}
+		if b.AResource(rh, dnsmessage.AResource{A: addr.As4()}) != nil {
+			return nil
 		}
 	}
-	buf := gopacket.NewSerializeBuffer()
-	if err := reply.SerializeTo(buf, gopacket.SerializeOptions{FixLengths: true}); err != nil {
+	reply, err := b.Finish()
+	if err != nil {
 		return nil
 	}
-	return buf.Bytes()
+	return reply
 }
 
 // serveDNS answers over UDP and TCP on the given sockets until they are closed.
@@ -103,28 +110,37 @@ func (z dnsZone) serveDNSConn(c net.Conn) {
 // dnsQuery is an A query for name with the given ID.
 func dnsQuery(t *testing.T, id uint16, name string) []byte {
 	t.Helper()
-	q := layers.DNS{ID: id, RD: true, QDCount: 1, Questions: []layers.DNSQuestion{{
-		Name: []byte(name), Type: layers.DNSTypeA, Class: layers.DNSClassIN,
-	}}}
-	buf := gopacket.NewSerializeBuffer()
-	require.NoError(t, q.SerializeTo(buf, gopacket.SerializeOptions{FixLengths: true}))
-	return buf.Bytes()
+	b := dnsmessage.NewBuilder(nil, dnsmessage.Header{ID: id, RecursionDesired: true})
+	require.NoError(t, b.StartQuestions())
+	require.NoError(t, b.Question(dnsmessage.Question{
+		Name: dnsmessage.MustNewName(name + "."), Type: dnsmessage.TypeA, Class: dnsmessage.ClassINET,
+	}))
+	query, err := b.Finish()
+	require.NoError(t, err)
+	return query
 }
 
 // dnsAnswerA reads the A record of a reply to query id.
 func dnsAnswerA(reply []byte, id uint16) (netip.Addr, error) {
-	var r layers.DNS
-	if err := r.DecodeFromBytes(reply, gopacket.NilDecodeFeedback); err != nil {
+	var p dnsmessage.Parser
+	h, err := p.Start(reply)
+	if err != nil {
 		return netip.Addr{}, err
 	}
-	if r.ID != id || !r.QR {
+	if h.ID != id || !h.Response {
 		return netip.Addr{}, errors.New("reply does not answer the query")
 	}
-	for _, a := range r.Answers {
-		if a.Type == layers.DNSTypeA {
-			addr, _ := netip.AddrFromSlice(a.IP.To4())
-			return addr, nil
+	if err := p.SkipAllQuestions(); err != nil {
+		return netip.Addr{}, err
+	}
+	answers, err := p.AllAnswers()
+	if err != nil {
+		return netip.Addr{}, err
+	}
+	for _, a := range answers {
+		if r, ok := a.Body.(*dnsmessage.AResource); ok {
+			return netip.AddrFrom4(r.A), nil
 		}
 	}
-	return netip.Addr{}, errors.New("reply has no A record: " + r.ResponseCode.String())
+	return netip.Addr{}, errors.New("reply has no A record: " + h.RCode.String())
 }
