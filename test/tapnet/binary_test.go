@@ -261,6 +261,10 @@ func TestBinaryEndToEnd(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "qubesdb.json")
 	writeQubesDB(t, path, db)
 
+	// A harness may make a TAP beforehand: qfw attaches to it.
+	made, err := tp.fw.Command(ctx, "ip", "tuntap", "add", "dev", c7.tap, "mode", "tap").CombinedOutput()
+	require.NoError(t, err, "ip tuntap add: %s", made)
+
 	p := startQFW(t, tp.fw, "-platform", "tap", "-uplink", uplinkTAP,
 		"-client", c5.tap+"="+c5.ip4.String()+","+c5.ip6.String(), "-client", c7.tap+"="+c7.ip4.String(), "-qubesdb", path)
 	p.waitFor(t, ctx, "qfw starting", "uplink=up0", "ip=10.137.0.6")
