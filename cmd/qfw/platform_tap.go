@@ -10,6 +10,7 @@ import (
 
 	"qfw/firewall"
 	"qfw/firewall/tap"
+	"qfw/rules"
 )
 
 // defaultQubesMAC is what dom0 gives every VM when /qubes-mac is absent.
@@ -39,13 +40,17 @@ func runTap(ctx context.Context, opts *options, hup <-chan os.Signal, log *slog.
 	if err != nil {
 		return err
 	}
-	resolver, err := attachResolver(engine, &cfg)
+	resolver, err := attachResolver(engine, db)
 	if err != nil {
 		return err
 	}
+	clientDNS := cfg.ClientDNS
+	if len(clientDNS) == 0 {
+		clientDNS = rules.DefaultDNSServers // what specialtarget=dns then matches
+	}
 	log.Info("qfw starting", "platform", "tap", "uplink", opts.uplink, "ip", cfg.UplinkIP4,
-		"gateway", cfg.UplinkGateway4, "client_gateway", cfg.ClientGateway4, "dns", cfg.ClientDNS,
-		"clients", opts.clients.String())
+		"gateway", cfg.UplinkGateway4, "client_gateway", cfg.ClientGateway4, "client_dns", clientDNS,
+		"own_dns", resolver.servers, "clients", opts.clients.String())
 	done := make(chan error, 1)
 	go func() { done <- engine.Run(ctx) }()
 	log.Info("qfw running", "qubesdb", opts.qubesdb)

@@ -51,21 +51,36 @@ type uplinkResolver struct {
 }
 
 // attachResolver adds the resolver to the engine as a client that may only
-// reach the DNS servers on port 53.
-func attachResolver(engine *firewall.Engine, cfg *firewall.Config) (*uplinkResolver, error) {
+// reach its DNS servers on UDP port 53. The servers are this VM's own
+// (/qubes-primary-dns, /qubes-secondary-dns: what setup-ip writes to a
+// sys-firewall's resolv.conf), by default Qubes' 10.139.1.1 and .2.
+func attachResolver(engine *firewall.Engine, db map[string]string) (*uplinkResolver, error) {
 	r := &uplinkResolver{pending: make(map[uint16]chan []byte)}
-	for _, s := range cfg.ClientDNS {
-		if s.Is4() {
+	tree := map[string]string{"policy": "drop"}
+	for _, key := range []string{"/qubes-primary-dns", "/qubes-secondary-dns"} {
+		if v := db[key]; v != "" {
+			s, err := netip.ParseAddr(v)
+			if err != nil || !s.Is4() {
+				return nil, fmt.Errorf("QubesDB %s: %q is not an IPv4 address", key, v)
+			}
 			r.servers = append(r.servers, s)
 		}
+	}
+	if len(r.servers) == 0 {
+		r.servers = rules.DefaultDNSServers
+	}
+	for i, s := range r.servers {
+		tree[fmt.Sprintf("%04d", i)] = "action=accept dst4=" + s.String() + "/32 proto=udp dstports=53-53"
 	}
 	ours, theirs := firewall.Pipe(resolverMAC, firewall.GatewayMAC, firewall.DefaultMTU)
 	r.link = ours
 	if err := engine.AddClient(firewall.ClientConfig{Name: resolverName, IP4: resolverIP, MAC: resolverMAC, Link: theirs}); err != nil {
 		return nil, fmt.Errorf("dsthost resolver: %w", err)
 	}
-	rs := rules.ParseQubesDB(map[string]string{"policy": "drop", "0000": "action=accept specialtarget=dns"},
-		cfg.RuleOptions(rules.IPv4, nil))
+	rs := rules.ParseQubesDB(tree, rules.Options{Family: rules.IPv4})
+	if rs.Blocked() {
+		return nil, fmt.Errorf("dsthost resolver rules: %v", rs.Errors())
+	}
 	if err := engine.SetRules(resolverIP, rs); err != nil {
 		return nil, fmt.Errorf("dsthost resolver: %w", err)
 	}
@@ -119,7 +134,7 @@ func dnsReply(frame []byte) (port uint16, payload []byte, ok bool) {
 // ctx ends. A name that does not exist is an answer.
 func (r *uplinkResolver) lookup(ctx context.Context, host string, family rules.Family) ([]netip.Addr, error) {
 	if len(r.servers) == 0 {
-		return nil, errors.New("no IPv4 DNS server in QubesDB (/qubes-netvm-primary-dns)")
+		return nil, errors.New("no DNS server")
 	}
 	qtype := dnsmessage.TypeA
 	if family == rules.IPv6 {

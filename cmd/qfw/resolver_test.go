@@ -187,5 +187,5 @@ func TestResolverNeedsServers(t *testing.T) {
 	r := &uplinkResolver{pending: map[uint16]chan []byte{}}
 	_, err := r.lookup(context.Background(), "a.test", rules.IPv4)
 	require.Error(t, err)
-	assert.Contains(t, err.Error(), "no IPv4 DNS server")
+	assert.Contains(t, err.Error(), "no DNS server")
 }
