@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
+	"slices"
 	"strings"
 	"time"
 
@@ -41,30 +42,42 @@ type hostResolver interface {
 
 // ruleTree is one /qubes-firewall/<ip>/ directory.
 type ruleTree struct {
+	text      string            // <ip> as written
 	committed bool              // /qubes-firewall/<ip> exists
 	entries   map[string]string // keys relative to the directory
 }
 
-// ruleTrees groups the /qubes-firewall/ entries by the <ip> text.
-func ruleTrees(db map[string]string) map[string]*ruleTree {
-	trees := make(map[string]*ruleTree)
-	tree := func(ip string) *ruleTree {
-		if trees[ip] == nil {
-			trees[ip] = &ruleTree{entries: make(map[string]string)}
-		}
-		return trees[ip]
-	}
+// ruleTrees groups the /qubes-firewall/ entries by address. dom0 writes the
+// address's canonical text, but like the Linux agent (which hands the text
+// to nft) any spelling of it is taken. Texts that are no address are
+// reported and left out.
+func ruleTrees(db map[string]string, log *slog.Logger) map[netip.Addr][]*ruleTree {
+	byText := make(map[string]*ruleTree)
 	for path, value := range db {
 		rest, ok := strings.CutPrefix(path, firewallDir)
 		if !ok || rest == "" {
 			continue
 		}
-		ip, key, inDir := strings.Cut(rest, "/")
-		if !inDir {
-			tree(ip).committed = true
+		text, key, inDir := strings.Cut(rest, "/")
+		tree := byText[text]
+		if tree == nil {
+			tree = &ruleTree{text: text, entries: make(map[string]string)}
+			byText[text] = tree
+		}
+		if inDir {
+			tree.entries[key] = value
+		} else {
+			tree.committed = true
+		}
+	}
+	trees := make(map[netip.Addr][]*ruleTree)
+	for text, tree := range byText {
+		ip, err := netip.ParseAddr(text)
+		if err != nil || ip.Zone() != "" {
+			log.Warn("rules under a path that names no address, ignored", "path", firewallDir+text)
 			continue
 		}
-		tree(ip).entries[key] = value
+		trees[ip.Unmap()] = append(trees[ip.Unmap()], tree)
 	}
 	return trees
 }
@@ -74,7 +87,7 @@ func ruleTrees(db map[string]string) map[string]*ruleTree {
 // address without a commit key is reported: it stays blocked (fail closed).
 // Trees without dsthost go first, so that waiting for DNS delays no one else.
 func (l *ruleLoader) apply(db map[string]string, initial bool) {
-	trees := ruleTrees(db)
+	trees := ruleTrees(db, l.log)
 	ctx, cancel := context.WithTimeout(context.Background(), resolveBudget)
 	defer cancel()
 	resolver := l.loadResolver(ctx)
@@ -86,30 +99,51 @@ func (l *ruleLoader) apply(db map[string]string, initial bool) {
 	var now, later []job
 	for _, c := range l.clients {
 		for _, ip := range c.addrs() {
-			// dom0 writes the address as Python prints it: the canonical text.
-			tree := trees[ip.String()]
-			delete(trees, ip.String())
+			spellings := trees[ip]
+			delete(trees, ip)
+			if len(spellings) > 1 && slices.ContainsFunc(spellings, func(t *ruleTree) bool { return t.committed }) {
+				l.block(c, ip, spellings)
+				continue
+			}
 			switch {
-			case tree == nil || !tree.committed:
+			case len(spellings) != 1 || !spellings[0].committed:
 				if initial {
 					l.log.Warn("no rules committed, blocking all traffic", "client", c.tap, "ip", ip,
 						"reason", "QubesDB has no "+firewallDir+ip.String())
 				}
-			case tree.needsDNS():
-				later = append(later, job{c, ip, tree})
+			case spellings[0].needsDNS():
+				later = append(later, job{c, ip, spellings[0]})
 			default:
-				now = append(now, job{c, ip, tree})
+				now = append(now, job{c, ip, spellings[0]})
 			}
 		}
 	}
 	for _, j := range append(now, later...) {
 		l.load(j.client, j.ip, j.tree, resolver)
 	}
-	for ip, tree := range trees {
-		if tree.committed {
-			l.log.Warn("rules for an address that is no client, ignored", "ip", ip)
+	for ip, spellings := range trees {
+		for _, tree := range spellings {
+			if tree.committed {
+				l.log.Warn("rules for an address that is no client, ignored", "ip", ip, "path", firewallDir+tree.text)
+			}
 		}
 	}
+}
+
+// block fails a client address closed when its rules are written under
+// several spellings of the address: which one dom0 meant is unknown.
+func (l *ruleLoader) block(c clientSpec, ip netip.Addr, spellings []*ruleTree) {
+	texts := make([]string, len(spellings))
+	for i, t := range spellings {
+		texts[i] = firewallDir + t.text
+	}
+	slices.Sort(texts)
+	why := "rules under several spellings of the address: " + strings.Join(texts, ", ")
+	if err := l.engine.SetRules(ip, rules.BlockAll(rules.FamilyOf(ip), why)); err != nil {
+		l.log.Error("applying rules failed", "client", c.tap, "ip", ip, "err", err)
+		return
+	}
+	l.log.Warn("rules loaded", "client", c.tap, "ip", ip, "result", "blocked: "+why)
 }
 
 // needsDNS reports whether a tree names hosts to resolve.

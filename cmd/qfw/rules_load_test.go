@@ -124,3 +124,30 @@ func TestApplyResolvesDsthostOnceAndLast(t *testing.T) {
 	assert.Equal(t, []netip.Addr{client7.ip4, client5.ip4}, engine.order, "the client waiting for DNS goes last")
 	assert.Equal(t, 1, hosts.calls, "one lookup per name and load")
 }
+
+func TestApplyTakesAnySpellingOfTheAddress(t *testing.T) {
+	loader, engine, logs := newLoader(client5)
+	loader.apply(map[string]string{
+		"/qubes-firewall/FD09:24EF:4179:0::A89:5":        "",
+		"/qubes-firewall/FD09:24EF:4179:0::A89:5/policy": "drop",
+		"/qubes-firewall/FD09:24EF:4179:0::A89:5/0000":   "action=accept",
+		"/qubes-firewall/not-an-address":                 "",
+	}, false)
+	require.Contains(t, engine, client5.ip6)
+	assert.False(t, engine[client5.ip6].Blocked())
+	assert.Contains(t, logs.String(), "path=/qubes-firewall/not-an-address")
+}
+
+func TestApplyBlocksAmbiguousSpellings(t *testing.T) {
+	loader, engine, logs := newLoader(client5)
+	loader.apply(map[string]string{
+		"/qubes-firewall/fd09:24ef:4179::a89:5":        "",
+		"/qubes-firewall/fd09:24ef:4179::a89:5/policy": "drop",
+		"/qubes-firewall/fd09:24ef:4179::a89:5/0000":   "action=accept",
+		"/qubes-firewall/FD09:24EF:4179::A89:5":        "",
+		"/qubes-firewall/FD09:24EF:4179::A89:5/policy": "drop",
+	}, false)
+	require.Contains(t, engine, client5.ip6)
+	assert.True(t, engine[client5.ip6].Blocked())
+	assert.Contains(t, logs.String(), "rules under several spellings of the address")
+}
