@@ -4,9 +4,18 @@
 //
 //	qfw -platform tap -uplink TAP -client TAP=IPv4[,IPv6] [-client ...] -qubesdb FILE
 //
+// FILE is the firewall VM's QubesDB as a JSON object of path -> value. A
+// client address's rules (/qubes-firewall/<ip>/...) load when its commit key
+// /qubes-firewall/<ip> is present; until then that address is blocked. SIGHUP
+// re-reads FILE and reloads every committed address, as a rule edit in the
+// Qubes GUI does. dsthost names are resolved through the engine and the
+// uplink, with this VM's DNS servers (/qubes-primary-dns, -secondary-dns).
+//
 // Flags may come before or after positional arguments. Logs go to stderr
-// (log/slog text). Exit status: 0 after SIGTERM/SIGINT, 2 for bad flags, 1 for
-// any other failure.
+// (log/slog text): start-up summary, each rule load with its result, a
+// per-client summary of rejected flows at most every few seconds, errors.
+// Exit status: 0 after SIGTERM/SIGINT, 2 for bad flags, 1 for any other
+// failure, with a one-line message.
 package main
 
 import (
