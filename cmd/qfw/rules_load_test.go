@@ -151,3 +151,27 @@ func TestApplyBlocksAmbiguousSpellings(t *testing.T) {
 	assert.True(t, engine[client5.ip6].Blocked())
 	assert.Contains(t, logs.String(), "rules under several spellings of the address")
 }
+
+func TestReloadLeavesUncommittedClientsAlone(t *testing.T) {
+	loader, engine, _ := newLoader(client5, client7)
+	db := map[string]string{
+		"/qubes-firewall/10.137.0.5":        "",
+		"/qubes-firewall/10.137.0.5/policy": "drop",
+		"/qubes-firewall/10.137.0.5/0000":   "action=accept",
+		"/qubes-firewall/10.137.0.7":        "",
+		"/qubes-firewall/10.137.0.7/policy": "drop",
+		"/qubes-firewall/10.137.0.7/0000":   "action=accept",
+	}
+	loader.apply(db, true)
+	first7 := engine[client7.ip4]
+
+	// dom0 is midway through rewriting c7's tree: no commit key yet.
+	delete(db, "/qubes-firewall/10.137.0.7")
+	db["/qubes-firewall/10.137.0.7/0000"] = "action=drop"
+	db["/qubes-firewall/10.137.0.5/0000"] = "action=drop proto=icmp"
+	first5 := engine[client5.ip4]
+	loader.apply(db, false)
+	assert.Same(t, first7, engine[client7.ip4], "c7 keeps its rules until the commit key comes")
+	assert.NotSame(t, first5, engine[client5.ip4], "c5 is reloaded")
+	assert.Equal(t, "action=drop proto=icmp", engine[client5.ip4].Rules()[0].Text)
+}
