@@ -3,10 +3,13 @@ package tapnet_test
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
+	"net/http"
 	"net/netip"
 	"strings"
 	"sync"
@@ -596,4 +599,44 @@ func TestInboundFromUpstreamDropped(t *testing.T) {
 	var netErr net.Error
 	assert.True(t, errors.As(err, &netErr) && netErr.Timeout(), "unsolicited inbound is dropped without an answer, got %v", err)
 	assert.Greater(t, e.Counters().Uplink.Dropped, uint64(0))
+}
+
+func TestBulkTransferBothWays(t *testing.T) {
+	tp := newTopology(t, client5)
+	e := startEngine(t, tp)
+	c5 := tp.client("c5")
+	e.setRules(t, c5, "action=accept proto=tcp dst4="+serverA.String()+"/32 dstports=80-80")
+	ctx := testContext(t)
+	client := &http.Client{Transport: &http.Transport{
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			return c5.dial(ctx, "tcp4", netip.AddrPortFrom(serverA, httpPort))
+		},
+	}}
+	url := "http://" + serverA.String() + "/bulk"
+
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	require.NoError(t, err)
+	resp, err := client.Do(req)
+	require.NoError(t, err)
+	want := sha256.New()
+	io.Copy(want, bulkBody())
+	got := sha256.New()
+	n, err := io.Copy(got, resp.Body)
+	resp.Body.Close()
+	require.NoError(t, err)
+	assert.Equal(t, int64(bulkSize), n)
+	assert.Equal(t, want.Sum(nil), got.Sum(nil), "download corrupted")
+
+	req, err = http.NewRequestWithContext(ctx, http.MethodPost, url, bulkBody())
+	require.NoError(t, err)
+	resp, err = client.Do(req)
+	require.NoError(t, err)
+	body, err := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	require.NoError(t, err)
+	assert.Equal(t, fmt.Sprint(bulkSize), string(body), "upload")
+
+	cc := e.clientCounters(t, c5)
+	assert.Greater(t, cc.RxBytes, uint64(bulkSize))
+	assert.Greater(t, cc.TxBytes, uint64(bulkSize))
 }

@@ -150,8 +150,16 @@ func (tp *topology) startServers(t *testing.T) {
 	}))
 	srv := &http.Server{
 		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-			local := r.Context().Value(http.LocalAddrContextKey).(net.Addr)
-			fmt.Fprintf(w, "server %s\n", local.(*net.TCPAddr).AddrPort().Addr().Unmap())
+			switch {
+			case r.URL.Path == "/bulk" && r.Method == http.MethodGet:
+				io.Copy(w, bulkBody())
+			case r.URL.Path == "/bulk":
+				n, _ := io.Copy(io.Discard, r.Body)
+				fmt.Fprintf(w, "%d", n)
+			default:
+				local := r.Context().Value(http.LocalAddrContextKey).(net.Addr)
+				fmt.Fprintf(w, "server %s\n", local.(*net.TCPAddr).AddrPort().Addr().Unmap())
+			}
 		}),
 		ReadHeaderTimeout: 10 * time.Second,
 	}
@@ -170,6 +178,24 @@ func (tp *topology) startServers(t *testing.T) {
 			c.Close()
 		}
 	})
+}
+
+// bulkSize is what /bulk sends: enough for many full-size segments, windows
+// and batches.
+const bulkSize = 8 << 20
+
+// bulkBody is /bulk's content: bulkSize bytes of a repeating pattern.
+func bulkBody() io.Reader {
+	return io.LimitReader(patternReader{}, bulkSize)
+}
+
+type patternReader struct{}
+
+func (patternReader) Read(p []byte) (int, error) {
+	for i := range p {
+		p[i] = byte(i * 7)
+	}
+	return len(p), nil
 }
 
 // serveTCPEcho echoes lines back until the listener is closed.
