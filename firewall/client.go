@@ -284,6 +284,11 @@ func (w *worker) forwardToUplink(c *client, f *flow, p *packet) {
 	nb := e.gatewayNeighbour(p.family)
 	p.setEthernet(&nb.mac, &e.uplink.macBytes)
 	if !nb.resolved {
+		if nb.queued == 0 {
+			// The first frame to wait asks right away rather than at
+			// the next housekeeping tick.
+			w.send(e.uplink, e.resolveRequest(p.family, nb.ip))
+		}
 		nb.enqueue(p.frame) // learnGateway fills in the destination
 		return
 	}

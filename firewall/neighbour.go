@@ -92,11 +92,10 @@ func (e *Engine) learnGateway(n *neighbour, mac []byte) {
 func (e *Engine) resolveGateways() {
 	var frames [][]byte
 	e.mu.Lock()
-	if n := &e.neighbours[0]; n.ip.Len() != 0 && !n.resolved {
-		frames = append(frames, e.arpRequest(n.ip))
-	}
-	if n := &e.neighbours[1]; n.ip.Len() != 0 && !n.resolved {
-		frames = append(frames, e.neighborSolicit(n.ip))
+	for i, family := range [...]rules.Family{rules.IPv4, rules.IPv6} {
+		if n := &e.neighbours[i]; n.ip.Len() != 0 && !n.resolved {
+			frames = append(frames, e.resolveRequest(family, n.ip))
+		}
 	}
 	e.mu.Unlock()
 	if len(frames) == 0 {
@@ -108,6 +107,15 @@ func (e *Engine) resolveGateways() {
 	if err != nil {
 		e.log.Warn("asking for the uplink gateway's MAC failed", "err", err)
 	}
+}
+
+// resolveRequest asks for target's MAC: ARP for IPv4, a neighbour
+// solicitation for IPv6.
+func (e *Engine) resolveRequest(family rules.Family, target tcpip.Address) []byte {
+	if family == rules.IPv4 {
+		return e.arpRequest(target)
+	}
+	return e.neighborSolicit(target)
 }
 
 // arpRequest asks who has target, from our uplink address.
