@@ -95,7 +95,7 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 	}
 	out := bufio.NewWriter(stdout)
 	defer out.Flush()
-	sim := &simulator{opts: o, stdin: stdin, out: out}
+	sim := &simulator{opts: o, stdin: stdin, out: out, warn: stderr}
 	switch cmd {
 	case "check":
 		err = sim.check(pos)
@@ -168,6 +168,7 @@ type simulator struct {
 	opts  options
 	stdin io.Reader
 	out   *bufio.Writer
+	warn  io.Writer // stderr: stdout carries only results
 }
 
 func (s *simulator) ruleOptions() (rules.Options, error) {
@@ -197,6 +198,29 @@ func (s *simulator) load(name string) (*ruleSource, error) {
 		return nil, err
 	}
 	return loadRules(name, s.stdin, opt)
+}
+
+// warnBlocked tells on stderr which rule trees are invalid, so that a user
+// reading "drop" knows it is the fail-closed fallback.
+func (s *simulator) warnBlocked(src *ruleSource) {
+	var blocked []string
+	if src.clients == nil {
+		for _, rs := range []*rules.Ruleset{src.raw4, src.raw6} {
+			if rs.Blocked() {
+				blocked = append(blocked, rs.Family().String())
+			}
+		}
+	} else {
+		for _, ip := range src.order {
+			if src.clients[ip].Blocked() {
+				blocked = append(blocked, ip.String())
+			}
+		}
+	}
+	if len(blocked) > 0 {
+		fmt.Fprintf(s.warn, "qfw-sim: warning: %s: invalid rules block all traffic of %s (qfw-sim check %s says why)\n",
+			displayName(src.name), strings.Join(blocked, ", "), src.name)
+	}
 }
 
 // flows gathers the flows from -flows and the remaining arguments.
@@ -273,6 +297,7 @@ func (s *simulator) eval(args []string) error {
 	if err != nil {
 		return err
 	}
+	s.warnBlocked(src)
 	flows, err := s.flows(args[1:])
 	if err != nil {
 		return err
@@ -305,6 +330,8 @@ func (s *simulator) diff(args []string) error {
 	if err != nil {
 		return err
 	}
+	s.warnBlocked(old)
+	s.warnBlocked(cur)
 	flows, err := s.flows(args[2:])
 	if err != nil {
 		return err

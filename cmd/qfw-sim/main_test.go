@@ -52,7 +52,6 @@ func decodeLines(t *testing.T, out string) []jsonLine {
 func TestEvalJSONOnExamples(t *testing.T) {
 	code, out, errOut := runSim(t, "", "eval", examples+"sys-firewall.qubesdb", "-flows", examples+"flows.txt", "-hosts", examples+"hosts", "-json")
 	require.Equal(t, 0, code, errOut)
-	assert.Empty(t, errOut)
 	lines := decodeLines(t, out)
 	flows, err := loadFlows(examples+"flows.txt", nil)
 	require.NoError(t, err)
@@ -93,6 +92,9 @@ func TestEvalJSONOnExamples(t *testing.T) {
 	assert.Equal(t, len(expected), got)
 	// The raw JSON really says null, not 0 or a missing key.
 	assert.Contains(t, out, `"rule":null`)
+
+	// A warning on stderr (never stdout) tells that 10.137.0.9 fails closed.
+	assert.Equal(t, "qfw-sim: warning: ../../examples/sys-firewall.qubesdb: invalid rules block all traffic of 10.137.0.9 (qfw-sim check ../../examples/sys-firewall.qubesdb says why)\n", errOut)
 }
 
 func TestFlagsAnywhereAndUnquotedFlows(t *testing.T) {

@@ -72,6 +72,7 @@ func (s *simulator) pcap(args []string) error {
 	if err != nil {
 		return err
 	}
+	s.warnBlocked(src)
 	isClient, who, err := s.clientFilter(src)
 	if err != nil {
 		return err
