@@ -190,29 +190,24 @@ var ruleKeys = map[string]bool{
 }
 
 // parseTokens splits a rule into its key=value tokens. QubesDB values are
-// split on single spaces, like the agent does; raw lists (qvm-firewall
-// --raw) may also carry expire= and a trailing comment= that takes the rest
-// of the line.
+// split on single spaces, like the agent does (so a doubled or trailing space
+// is an empty token, an error); raw lists (qvm-firewall --raw) may also carry
+// expire= and a trailing comment= that takes the rest of the line.
 func parseTokens(text string, raw bool, errf func(tok, why string)) map[string]string {
 	opts := make(map[string]string, 4)
-	rest := text
-	for rest != "" {
-		tok := rest
-		if i := strings.IndexByte(rest, ' '); i >= 0 {
-			tok, rest = rest[:i], rest[i+1:]
-			if raw {
-				rest = strings.TrimLeft(rest, " \t")
-			}
-		} else {
-			rest = ""
+	var toks []string
+	if raw {
+		if i := commentStart(text); i >= 0 {
+			opts["comment"] = strings.TrimSpace(text[i+len("comment="):])
+			text = text[:i]
 		}
-		if raw && strings.HasPrefix(tok, "comment=") {
-			// The comment runs to the end of the line.
-			opts["comment"] = strings.TrimSpace(tok[len("comment="):] + " " + rest)
-			break
-		}
+		toks = strings.Fields(text)
+	} else {
+		toks = strings.Split(text, " ")
+	}
+	for _, tok := range toks {
 		if tok == "" {
-			errf("", "empty token (two spaces in a row)")
+			errf("", "empty token (a doubled, leading or trailing space)")
 			continue
 		}
 		key, value, ok := strings.Cut(tok, "=")
@@ -234,4 +229,18 @@ func parseTokens(text string, raw bool, errf func(tok, why string)) map[string]s
 		opts[key] = value
 	}
 	return opts
+}
+
+// commentStart is where a comment= token starts in a raw rule, or -1.
+func commentStart(text string) int {
+	for i := 0; ; {
+		j := strings.Index(text[i:], "comment=")
+		if j < 0 {
+			return -1
+		}
+		if i+j == 0 || text[i+j-1] == ' ' || text[i+j-1] == '\t' {
+			return i + j
+		}
+		i += j + 1
+	}
 }

@@ -249,6 +249,9 @@ func TestErrorsBlockAll(t *testing.T) {
 		{map[string]string{"0000": "action=accept specialtarget=web", "policy": "drop"}, "special target"},
 		{map[string]string{"0000": "action=accept proto=icmp specialtarget=dns", "policy": "drop"}, "not icmp"},
 		{map[string]string{"0000": "action=accept  proto=tcp", "policy": "drop"}, "empty token"},
+		{map[string]string{"0000": "action=accept ", "policy": "drop"}, "empty token"},
+		{map[string]string{"0000": "", "policy": "drop"}, "empty token"},
+		{map[string]string{"0000": "action=accept comment=x", "policy": "drop"}, `unknown option "comment"`},
 		{map[string]string{"0000": "action=accept proto", "policy": "drop"}, "not a key=value"},
 		{map[string]string{"0000": "action=accept dst4=a=b", "policy": "drop"}, "more than one '='"},
 		{map[string]string{"00001": "action=accept", "policy": "drop"}, "four digits"},
@@ -309,6 +312,15 @@ action=drop
 	bad := ParseRaw("action=accept\naction=accept proto=tcp dstports=99999\n", Options{Family: IPv4})
 	require.True(t, bad.Blocked())
 	assert.Equal(t, "line 2: rule 0001: \"dstports=99999\": ports must be N-M with 0 <= N <= M <= 65535", bad.Errors()[0].Error())
+}
+
+func TestRawComments(t *testing.T) {
+	rs := ParseRaw("action=accept   proto=tcp\tcomment=a comment=b  \naction=drop xcomment=1\n", Options{Family: IPv4})
+	require.True(t, rs.Blocked())
+	assert.Equal(t, "a comment=b", rs.Rules()[0].Comment)
+	assert.Equal(t, ProtoTCP, rs.Rules()[0].Proto)
+	require.Len(t, rs.Errors(), 1)
+	assert.Contains(t, rs.Errors()[0].Error(), `line 2: rule 0001: "xcomment=1": unknown option`)
 }
 
 func TestRawLineTooLong(t *testing.T) {
