@@ -3,6 +3,7 @@ package firewall
 import (
 	"net"
 	"net/netip"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -735,4 +736,42 @@ func TestShortQuotesAndSmallClientMTU(t *testing.T) {
 	assert.Equal(t, uint8(header.ICMPv4FragmentationNeeded), d.icmpCode)
 	assert.Equal(t, uint16(1400), header.ICMPv4(d.l4).MTU())
 	assert.Equal(t, big[header.EthernetMinimumSize:][:icmpv4ErrorMax-header.IPv4MinimumSize-header.ICMPv4MinimumSize], []byte(header.ICMPv4(d.l4).Payload()), "quotes the packet as received")
+}
+
+// lockProbe is a Link that notes a Write made while the engine's mutex is
+// held: a link may block in Write, and it must not stall every other link.
+type lockProbe struct {
+	Link
+	e              *Engine
+	writeUnderLock atomic.Bool
+}
+
+func (l *lockProbe) Write(bufs [][]byte) (int, error) {
+	if l.e.mu.TryLock() {
+		l.e.mu.Unlock()
+	} else {
+		l.writeUnderLock.Store(true)
+	}
+	return l.Link.Write(bufs)
+}
+
+func TestFramesWaitingForTheGatewayAreNotWrittenUnderTheEngineLock(t *testing.T) {
+	cfg := testConfig()
+	cfg.UplinkIP6, cfg.UplinkGateway6, cfg.ClientGateway6 = netip.Addr{}, netip.Addr{}, netip.Addr{}
+	b := &bed{t: t, clients: map[netip.Addr]*bedClient{}}
+	cfg.Clock = func() time.Time { return time.Unix(0, b.now.Load()) }
+	engineEnd, sysnet := Pipe(uplinkMAC, sysnetMAC, DefaultMTU)
+	probe := &lockProbe{Link: engineEnd}
+	e, err := New(cfg, probe)
+	require.NoError(t, err)
+	probe.e = e
+	b.e, b.sysnet, b.uplink = e, sysnet, newWorker(e, e.uplink)
+	b.addClient("a", clientAIP, netip.Addr{}, "action=accept")
+
+	b.fromClient(clientAIP, clientTCP(clientAIP, 1000, header.TCPFlagSyn, 1, 0, ""))
+	require.Len(t, b.toUplink(), 1, "the ARP request")
+	b.fromUplink(arpFrame(header.ARPReply, uplinkMAC, sysnetMAC, sysnetIP, uplinkIP))
+	d := one(t, b.toUplink())
+	assert.Equal(t, sysnetMAC, net.HardwareAddr(d.eth.DestinationAddress()))
+	assert.False(t, probe.writeUnderLock.Load(), "the waiting frame was written while holding Engine.mu")
 }

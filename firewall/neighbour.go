@@ -64,25 +64,19 @@ func (e *Engine) clientGateway(f rules.Family) tcpip.Address {
 	return e.clientGW6
 }
 
-// learnGateway records the gateway's MAC and sends what waited for it.
-// Caller holds e.mu.
-func (e *Engine) learnGateway(n *neighbour, mac []byte) {
+// learnGateway records the gateway's MAC and queues what waited for it,
+// to be written with the rest of w's batch once the engine's mutex is
+// released. Caller holds e.mu. Nothing refills the queue buffers once the
+// gateway is resolved (it never becomes unresolved again), so they may wait
+// in w's batch until it is flushed.
+func (w *worker) learnGateway(n *neighbour, mac []byte) {
 	if !header.IsValidUnicastEthernetAddress(tcpip.LinkAddress(mac)) {
 		return
 	}
 	n.mac, n.resolved = [header.EthernetAddressSize]byte(mac), true
-	if n.queued == 0 {
-		return
-	}
-	frames := n.queue[:n.queued]
-	for _, f := range frames {
+	for _, f := range n.queue[:n.queued] {
 		copy(f, n.mac[:])
-	}
-	e.uplink.writeMu.Lock()
-	_, err := e.uplink.link.Write(frames)
-	e.uplink.writeMu.Unlock()
-	if err != nil {
-		e.log.Warn("sending frames that waited for the uplink gateway failed", "err", err)
+		w.send(w.engine.uplink, f)
 	}
 	n.queued = 0
 }

@@ -163,7 +163,7 @@ func (w *worker) uplinkARP(frame []byte) {
 		return
 	}
 	if gw := &e.neighbours[0]; tcpip.AddrFrom4Slice(arp.ProtocolAddressSender()) == gw.ip {
-		e.learnGateway(gw, arp.HardwareAddressSender())
+		w.learnGateway(gw, arp.HardwareAddressSender())
 	}
 	if arp.Op() == header.ARPRequest && tcpip.AddrFrom4Slice(arp.ProtocolAddressTarget()) == e.uplinkAddr4 {
 		w.send(e.uplink, arpReplyInPlace(frame, e.uplink.macBytes))
@@ -187,7 +187,7 @@ func (w *worker) uplinkNDP(p *packet) {
 			return
 		}
 		if mac, ok := ndpLinkAddress(ns.Options()); ok && p.src == gw.ip {
-			e.learnGateway(gw, []byte(mac))
+			w.learnGateway(gw, []byte(mac))
 		}
 		if ns.TargetAddress() == e.uplinkAddr6 && !p.src.Unspecified() {
 			w.sendNeighborAdvert(e.uplink, p, e.uplinkAddr6, false)
@@ -200,6 +200,6 @@ func (w *worker) uplinkNDP(p *packet) {
 	}
 	na := header.NDPNeighborAdvert(header.ICMPv6(p.l4).MessageBody())
 	if mac, ok := ndpLinkAddress(na.Options()); ok && gw.ip.Len() != 0 && na.TargetAddress() == gw.ip {
-		e.learnGateway(gw, []byte(mac))
+		w.learnGateway(gw, []byte(mac))
 	}
 }
