@@ -104,7 +104,8 @@ type EventChannel interface {
 	// Close.
 	Notify() error
 	// C receives a value when events arrived since the last receive;
-	// events coalesce, so re-check shared state after each receive.
+	// events coalesce and wake-ups may be spurious, so re-check shared
+	// state after each receive.
 	C() <-chan struct{}
 	Close() error
 }

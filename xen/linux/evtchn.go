@@ -37,12 +37,30 @@ func control(rc syscall.RawConn, req uintptr, arg unsafe.Pointer) (int, error) {
 	return r, err
 }
 
+// evtchnDev is what events needs of an open /dev/xen/evtchn: read fired
+// ports, write ports back to unmask them, run ioctls. Tests fake it.
+type evtchnDev interface {
+	Read(p []byte) (int, error)
+	Write(p []byte) (int, error)
+	Close() error
+	ioctl(req uintptr, arg unsafe.Pointer) (int, error)
+}
+
+// evtchnFile is the real device.
+type evtchnFile struct {
+	*os.File
+	rc syscall.RawConn
+}
+
+func (f evtchnFile) ioctl(req uintptr, arg unsafe.Pointer) (int, error) {
+	return control(f.rc, req, arg)
+}
+
 // events is one /dev/xen/evtchn handle. A reader goroutine turns the port
 // numbers the kernel reports into wake-ups on each port's channel and
 // unmasks them again (the kernel masks a port until it is written back).
 type events struct {
-	f  *os.File
-	rc syscall.RawConn
+	dev evtchnDev
 
 	mu    sync.Mutex
 	ports map[xen.Port]*port
@@ -61,18 +79,22 @@ func openEvents() (*events, error) {
 		f.Close()
 		return nil, err
 	}
-	e := &events{f: f, rc: rc, ports: make(map[xen.Port]*port), done: make(chan struct{})}
+	return newEvents(evtchnFile{f, rc}), nil
+}
+
+func newEvents(dev evtchnDev) *events {
+	e := &events{dev: dev, ports: make(map[xen.Port]*port), done: make(chan struct{})}
 	go e.readLoop()
-	return e, nil
+	return e
 }
 
 func (e *events) readLoop() {
 	defer close(e.done)
 	buf := make([]byte, 4*256)
 	for {
-		n, err := e.f.Read(buf)
+		n, err := e.dev.Read(buf)
 		if errors.Is(err, unix.EFBIG) { // the kernel's ring overflowed
-			if _, err := control(e.rc, ioctlEvtchnReset, nil); err != nil {
+			if _, err := e.dev.ioctl(ioctlEvtchnReset, nil); err != nil {
 				return
 			}
 			e.kickAll() // events were lost: everyone re-checks
@@ -90,7 +112,7 @@ func (e *events) readLoop() {
 			}
 		}
 		e.mu.Unlock()
-		if _, err := e.f.Write(buf[:n]); err != nil { // unmask
+		if _, err := e.dev.Write(buf[:n]); err != nil { // unmask
 			return
 		}
 	}
@@ -112,7 +134,7 @@ func kick(c chan struct{}) {
 }
 
 func (e *events) bind(req uintptr, arg unsafe.Pointer, what string) (xen.EventChannel, error) {
-	r, err := control(e.rc, req, arg)
+	r, err := e.dev.ioctl(req, arg)
 	if err != nil {
 		return nil, fmt.Errorf("xen/linux: %s: %w", what, err)
 	}
@@ -120,6 +142,11 @@ func (e *events) bind(req uintptr, arg unsafe.Pointer, what string) (xen.EventCh
 	e.mu.Lock()
 	e.ports[p.num] = p
 	e.mu.Unlock()
+	// The port is live since the ioctl: an event that fired before it
+	// was in the map was unmasked by the reader but reported to nobody.
+	// Callers re-check shared state on every wake-up, so an extra one is
+	// harmless; a lost one could leave them asleep.
+	kick(p.c)
 	return p, nil
 }
 
@@ -134,7 +161,7 @@ func (e *events) BindInterdomain(remote xen.DomID, rport xen.Port) (xen.EventCha
 }
 
 func (e *events) close() error {
-	err := e.f.Close()
+	err := e.dev.Close()
 	<-e.done
 	return err
 }
@@ -161,7 +188,7 @@ func (p *port) Notify() error {
 		return fmt.Errorf("xen/linux: notify port %d: %w", p.num, xen.ErrPortClosed)
 	}
 	arg := evtchnPort{Port: uint32(p.num)}
-	if _, err := control(p.e.rc, ioctlEvtchnNotify, unsafe.Pointer(&arg)); err != nil {
+	if _, err := p.e.dev.ioctl(ioctlEvtchnNotify, unsafe.Pointer(&arg)); err != nil {
 		return fmt.Errorf("xen/linux: notify port %d: %w", p.num, err)
 	}
 	return nil
@@ -176,7 +203,7 @@ func (p *port) Close() error {
 	delete(p.e.ports, p.num)
 	p.e.mu.Unlock()
 	arg := evtchnPort{Port: uint32(p.num)}
-	if _, err := control(p.e.rc, ioctlEvtchnUnbind, unsafe.Pointer(&arg)); err != nil {
+	if _, err := p.e.dev.ioctl(ioctlEvtchnUnbind, unsafe.Pointer(&arg)); err != nil {
 		return fmt.Errorf("xen/linux: unbind port %d: %w", p.num, err)
 	}
 	return nil
