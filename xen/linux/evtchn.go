@@ -94,10 +94,17 @@ func (e *events) readLoop() {
 	for {
 		n, err := e.dev.Read(buf)
 		if errors.Is(err, unix.EFBIG) { // the kernel's ring overflowed
-			if _, err := e.dev.ioctl(ioctlEvtchnReset, nil); err != nil {
+			// The ports it dropped stay masked until written back, and
+			// we cannot tell which they were: reset the ring, unmask
+			// every port, and let everyone re-check.
+			_, err := e.dev.ioctl(ioctlEvtchnReset, nil)
+			if err == nil {
+				_, err = e.dev.Write(e.allPorts())
+			}
+			e.kickAll()
+			if err != nil {
 				return
 			}
-			e.kickAll() // events were lost: everyone re-checks
 			continue
 		}
 		if err != nil {
@@ -116,6 +123,17 @@ func (e *events) readLoop() {
 			return
 		}
 	}
+}
+
+// allPorts encodes the numbers of every bound port, as write wants them.
+func (e *events) allPorts() []byte {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	b := make([]byte, 0, 4*len(e.ports))
+	for n := range e.ports {
+		b = binary.NativeEndian.AppendUint32(b, uint32(n))
+	}
+	return b
 }
 
 func (e *events) kickAll() {

@@ -13,6 +13,7 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
 
 	"qfw/xen"
 )
@@ -141,4 +142,35 @@ func TestEventDuringBindIsNotLost(t *testing.T) {
 			t.Fatalf("port %d: the event that fired during the bind was lost", p.Port())
 		}
 	}
+}
+
+// After a ring overflow (read fails with EFBIG) the kernel has dropped
+// fired ports that stay masked until written back, and nobody knows which:
+// the reader must reset the ring, unmask every port it has, and wake them.
+func TestOverflowUnmasksEveryPort(t *testing.T) {
+	dev := newFakeEvtchn()
+	e := newTestEvents(t, dev)
+	a, err := e.AllocUnbound(1)
+	require.NoError(t, err)
+	b, err := e.BindInterdomain(2, 7)
+	require.NoError(t, err)
+	for _, p := range []xen.EventChannel{a, b} {
+		<-p.C() // the wake-up of the bind
+	}
+
+	dev.reads <- fakeRead{err: unix.EFBIG}
+	dev.awaitUnmask(t, uint32(a.Port()), uint32(b.Port()))
+	assert.True(t, dev.sawIoctl(ioctlEvtchnReset))
+	for _, p := range []xen.EventChannel{a, b} {
+		select {
+		case <-p.C():
+		case <-time.After(5 * time.Second): // only reached when the test fails
+			t.Fatalf("port %d not woken after the overflow", p.Port())
+		}
+	}
+
+	// The reader goes on: a later event is delivered and unmasked.
+	dev.reads <- fakeRead{ports: []uint32{uint32(b.Port())}}
+	dev.awaitUnmask(t, uint32(b.Port()))
+	<-b.C()
 }
