@@ -398,16 +398,55 @@ func TestMidConnectionSegmentWithoutFlowIsReset(t *testing.T) {
 			assert.Equal(t, header.TCPFlagRst, header.TCP(rst.l4).Flags())
 			assert.Equal(t, uint32(777), header.TCP(rst.l4).SequenceNumber(), "the segment's ACK")
 
-			// Without ACK the RST acknowledges the segment; a RST is never answered.
-			b.fromClient(clientAIP, clientTCP(tc.client, 40000, header.TCPFlagFin, 10, 0, "ab"))
+			// So is a late FIN or SYN-ACK; a RST is never answered.
+			b.fromClient(clientAIP, clientTCP(tc.client, 40000, header.TCPFlagFin|header.TCPFlagAck, 10, 778, "ab"))
 			rst = one(t, b.toClient(clientAIP))
-			assert.Equal(t, header.TCPFlagRst|header.TCPFlagAck, header.TCP(rst.l4).Flags())
-			assert.Equal(t, uint32(13), header.TCP(rst.l4).AckNumber())
+			assert.Equal(t, header.TCPFlagRst, header.TCP(rst.l4).Flags())
+			assert.Equal(t, uint32(778), header.TCP(rst.l4).SequenceNumber())
+			b.fromClient(clientAIP, clientTCP(tc.client, 40000, header.TCPFlagSyn|header.TCPFlagAck, 10, 779, ""))
+			assert.Equal(t, uint32(779), header.TCP(one(t, b.toClient(clientAIP)).l4).SequenceNumber())
 			b.fromClient(clientAIP, clientTCP(tc.client, 40000, header.TCPFlagRst, 10, 0, ""))
 			assert.Empty(t, b.toClient(clientAIP))
 			assert.Equal(t, 0, b.e.Counters().Flows)
 		})
 	}
+}
+
+func TestInvalidTCPFlagCombinationsAreDropped(t *testing.T) {
+	const (
+		syn, fin, rst = header.TCPFlagSyn, header.TCPFlagFin, header.TCPFlagRst
+		ack, urg, psh = header.TCPFlagAck, header.TCPFlagUrg, header.TCPFlagPsh
+	)
+	b := newBed(t, testConfig())
+	b.addClient("a", clientAIP, clientA6, "action=accept")
+	// No TCP sends these; Linux conntrack calls them invalid and
+	// sys-firewall drops them without an answer, new flow or not.
+	invalid := []header.TCPFlags{syn | fin, syn | fin | psh | urg, syn | rst, fin, 0, fin | psh | urg, syn | fin | rst | ack | urg | psh, rst | fin | ack}
+	for _, flags := range invalid {
+		b.fromClient(clientAIP, clientTCP(clientAIP, 40000, flags, 1, 1, "x"), clientTCP(clientA6, 40000, flags, 1, 1, "x"))
+	}
+	assert.Empty(t, b.toUplink())
+	assert.Empty(t, b.toClient(clientAIP))
+	counters := b.e.Counters()
+	assert.Equal(t, 0, counters.Flows)
+	assert.Equal(t, uint64(2*len(invalid)), counters.Clients[0].Dropped)
+
+	// An open connection does not carry them either, in either direction.
+	b.fromClient(clientAIP, clientTCP(clientAIP, 40000, syn|header.TCPFlagEce|header.TCPFlagCwr, 1, 0, ""))
+	nat := one(t, b.toUplink()).srcPort
+	b.fromUplink(remoteTCP(uplinkIP, nat, syn|ack|header.TCPFlagEce, 1, 2, ""))
+	one(t, b.toClient(clientAIP))
+	for _, flags := range invalid {
+		b.fromClient(clientAIP, clientTCP(clientAIP, 40000, flags, 2, 2, "x"))
+		b.fromUplink(remoteTCP(uplinkIP, nat, flags, 2, 2, "x"))
+	}
+	assert.Empty(t, b.toUplink())
+	assert.Empty(t, b.toClient(clientAIP))
+	assert.Equal(t, tcpSynRecv, b.onlyFlow().state, "nothing moved the flow's state")
+	for _, flags := range []header.TCPFlags{ack, ack | psh, ack | urg, fin | ack, fin | ack | psh, rst | ack, rst} {
+		b.fromClient(clientAIP, clientTCP(clientAIP, 40000, flags, 2, 2, ""))
+	}
+	assert.Len(t, b.toUplink(), 7, "valid combinations pass")
 }
 
 func TestICMPErrorsFromUplinkAreTranslatedForTheClient(t *testing.T) {

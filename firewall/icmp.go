@@ -195,9 +195,11 @@ func (c *client) resetFrame(f *flow) []byte {
 }
 
 // sendReset answers a client's TCP segment that belongs to no flow with a
-// RST from its destination (RFC 9293 3.10.7.1: the sequence number is the
-// segment's ACK), so that a connection cut by a rule change or lost with
-// its flow fails at once instead of retransmitting into a void.
+// RST from its destination, so that a connection cut by a rule change or
+// lost with its flow fails at once instead of retransmitting into a void.
+// Such a segment always carries an ACK (parse drops the flag combinations
+// without one except SYN and RST, which never get here), so the RST's
+// sequence number is that ACK (RFC 9293 3.10.7.1).
 func (w *worker) sendReset(c *client, p *packet) {
 	if p.tcpFlags&header.TCPFlagRst != 0 || !c.replyLimit.allow(w.now, replyRate, replyBurst) {
 		return
@@ -206,14 +208,7 @@ func (w *worker) sendReset(c *client, p *packet) {
 	if buf == nil {
 		return
 	}
-	tcp := header.TCP(p.l4)
-	fields := header.TCPFields{SrcPort: p.dstPort, DstPort: p.srcPort, Flags: header.TCPFlagRst}
-	if p.tcpFlags&header.TCPFlagAck != 0 {
-		fields.SeqNum = tcp.AckNumber()
-	} else {
-		fields.AckNum = tcp.SequenceNumber() + segmentLength(p)
-		fields.Flags |= header.TCPFlagAck
-	}
+	fields := header.TCPFields{SrcPort: p.dstPort, DstPort: p.srcPort, SeqNum: header.TCP(p.l4).AckNumber(), Flags: header.TCPFlagRst}
 	ipLen := header.IPv4MinimumSize
 	if p.family == rules.IPv6 {
 		ipLen = header.IPv6MinimumSize

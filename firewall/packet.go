@@ -45,7 +45,9 @@ type packet struct {
 //   - IPv6 whose first next header is not TCP, UDP or ICMPv6 (extension
 //     headers, including the fragment header, are not forwarded);
 //   - transports other than TCP, UDP and ICMP, and truncated transport
-//     headers.
+//     headers;
+//   - TCP segments with a combination of flags that no TCP sends (see
+//     validTCPFlags).
 func (p *packet) parse(frame []byte) bool {
 	if len(frame) < header.EthernetMinimumSize {
 		return false
@@ -91,6 +93,9 @@ func (p *packet) parseTransport() bool {
 			return false
 		}
 		p.srcPort, p.dstPort, p.tcpFlags = tcp.SourcePort(), tcp.DestinationPort(), tcp.Flags()
+		if !validTCPFlags(p.tcpFlags) {
+			return false
+		}
 	case protoUDP:
 		udp := header.UDP(p.l4)
 		if len(udp) < header.UDPMinimumSize || int(udp.Length()) != len(udp) {
@@ -119,6 +124,27 @@ func (p *packet) parseTransport() bool {
 		return false
 	}
 	return true
+}
+
+// validTCPFlagSets has bit n set for each combination n of FIN, SYN, RST,
+// ACK and URG that Linux conntrack accepts (tcp_valid_flags in
+// nf_conntrack_proto_tcp.c; PSH, ECE and CWR go with any of them). Every
+// other combination (SYN+FIN, SYN+RST, FIN without ACK, no flags, ...) is
+// "ct state invalid", which sys-firewall's forward and input chains drop.
+const validTCPFlagSets = uint64(1)<<header.TCPFlagSyn |
+	1<<(header.TCPFlagSyn|header.TCPFlagUrg) |
+	1<<(header.TCPFlagSyn|header.TCPFlagAck) |
+	1<<header.TCPFlagRst |
+	1<<(header.TCPFlagRst|header.TCPFlagAck) |
+	1<<(header.TCPFlagFin|header.TCPFlagAck) |
+	1<<(header.TCPFlagFin|header.TCPFlagAck|header.TCPFlagUrg) |
+	1<<header.TCPFlagAck |
+	1<<(header.TCPFlagAck|header.TCPFlagUrg)
+
+// validTCPFlags reports whether a segment's flags are a combination a TCP
+// sends.
+func validTCPFlags(flags header.TCPFlags) bool {
+	return validTCPFlagSets>>(flags&^(header.TCPFlagPsh|header.TCPFlagEce|header.TCPFlagCwr))&1 != 0
 }
 
 // isEcho reports whether p is an ICMP echo request (want request) or reply.
