@@ -174,3 +174,20 @@ func TestOverflowUnmasksEveryPort(t *testing.T) {
 	dev.awaitUnmask(t, uint32(b.Port()))
 	<-b.C()
 }
+
+func TestPortNotifyAndClose(t *testing.T) {
+	dev := newFakeEvtchn()
+	e := newTestEvents(t, dev)
+	p, err := e.BindInterdomain(3, 9)
+	require.NoError(t, err)
+	require.NoError(t, p.Notify())
+	assert.True(t, dev.sawIoctl(ioctlEvtchnNotify))
+	require.NoError(t, p.Close())
+	assert.True(t, dev.sawIoctl(ioctlEvtchnUnbind))
+	assert.ErrorIs(t, p.Notify(), xen.ErrPortClosed)
+	assert.ErrorIs(t, p.Close(), xen.ErrPortClosed)
+
+	// An event for a closed port is still unmasked, and wakes nobody.
+	dev.reads <- fakeRead{ports: []uint32{uint32(p.Port())}}
+	dev.awaitUnmask(t, uint32(p.Port()))
+}

@@ -432,6 +432,17 @@ func TestCorruptIndicesFailCleanly(t *testing.T) {
 	_, err = cli.Write([]byte("x"))
 	require.ErrorIs(t, err, vchan.ErrCorrupt, "the connection stays failed")
 
+	// LEFT (client to server): the server claims to have consumed bytes
+	// that were never written.
+	hs2 := newHostileServer(t, ctx, h, vm, 112, 10, 11, "")
+	cli2, err := vchan.Dial(ctx, vm, xen.Dom0, 112)
+	require.NoError(t, err)
+	defer cli2.Close()
+	defer guard(ctx, cli2)()
+	xen.Word(hs2.ctrl, 0).Store(100)
+	_, err = cli2.Write([]byte("x"))
+	require.ErrorIs(t, err, vchan.ErrCorrupt)
+
 	// The other direction: a client lying about LEFT's producer index.
 	ctx2, h2, vm2 := setup(t)
 	srv, err := vchan.Listen(ctx2, h2.Dom0(), vm2.ID(), 111, 4096, 4096)
