@@ -775,6 +775,44 @@ func TestShortQuotesAndSmallClientMTU(t *testing.T) {
 	assert.Equal(t, uint8(header.ICMPv4FragmentationNeeded), d.icmpCode)
 	assert.Equal(t, uint16(1400), header.ICMPv4(d.l4).MTU())
 	assert.Equal(t, big[header.EthernetMinimumSize:][:icmpv4ErrorMax-header.IPv4MinimumSize-header.ICMPv4MinimumSize], []byte(header.ICMPv4(d.l4).Payload()), "quotes the packet as received")
+
+	// An ICMP error (from sys-net, which may be hostile) too large for the
+	// client's link is not relayed.
+	quote := append(append([]byte(nil), sent.network...), make([]byte, 1400-len(sent.network))...)
+	b.fromUplink(ipPacket{srcMAC: sysnetMAC, dstMAC: uplinkMAC, src: addr("192.0.2.1"), dst: uplinkIP, proto: protoICMPv4,
+		icmpType: uint8(header.ICMPv4DstUnreachable), icmpCode: uint8(header.ICMPv4HostUnreachable), rawICMP: quote}.frame())
+	assert.Empty(t, b.toClient(clientAIP))
+}
+
+func TestICMPErrorsFromUplinkAreRelayedOnlyFromUnicastNonClientSources(t *testing.T) {
+	b := newBed(t, testConfig())
+	clientB6 := addr("fd09:24ef:4179::a89:b")
+	b.addClient("a", clientAIP, clientA6, "action=accept")
+	b.addClient("b", clientBIP, clientB6, "action=accept")
+	for _, tc := range []struct {
+		client, remote, nat, router netip.Addr
+		errType                     uint8
+		proto                       uint8
+		bad                         []string
+	}{
+		{clientAIP, remoteIP, uplinkIP, addr("192.0.2.1"), uint8(header.ICMPv4TimeExceeded), protoICMPv4,
+			[]string{clientBIP.String(), clientAIP.String(), "224.0.0.1", "255.255.255.255", "127.0.0.1", "0.0.0.0"}},
+		{clientA6, remoteIP6, uplinkIP6, addr("2001:db8:ffff::1"), uint8(header.ICMPv6TimeExceeded), protoICMPv6,
+			[]string{clientB6.String(), "fe80::1", "ff02::1", "::1", "::"}},
+	} {
+		probe := ipPacket{srcMAC: clientMAC, dstMAC: GatewayMAC, src: tc.client, dst: tc.remote, ttl: 2, proto: protoUDP, sport: 33434, dport: 33435, payload: []byte("probe")}
+		b.fromClient(clientAIP, probe.frame())
+		sent := one(t, b.toUplink())
+		for _, src := range tc.bad {
+			b.fromUplink(ipPacket{srcMAC: sysnetMAC, dstMAC: uplinkMAC, src: addr(src), dst: tc.nat, proto: tc.proto,
+				icmpType: tc.errType, rawICMP: sent.network}.frame())
+			assert.Empty(t, b.toClient(clientAIP), "ICMP error from %s", src)
+			assert.Empty(t, b.toClient(clientBIP), "ICMP error from %s", src)
+		}
+		b.fromUplink(ipPacket{srcMAC: sysnetMAC, dstMAC: uplinkMAC, src: tc.router, dst: tc.nat, proto: tc.proto,
+			icmpType: tc.errType, rawICMP: sent.network}.frame())
+		assert.Equal(t, tc.router, one(t, b.toClient(clientAIP)).srcAddr)
+	}
 }
 
 // lockProbe is a Link that notes a Write made while the engine's mutex is

@@ -216,6 +216,18 @@ func (p *packet) notRoutable() bool {
 		header.IsV6LoopbackAddress(p.dst) || p.dst == header.IPv6Any
 }
 
+// sourceNotUnicast reports whether p's source is not one host's own
+// address: broadcast, multicast, loopback, unspecified or IPv6 link-local
+// (a link-local source never leaves its link).
+func (p *packet) sourceNotUnicast() bool {
+	if p.family == rules.IPv4 {
+		return header.IsV4MulticastAddress(p.src) || p.src == header.IPv4Broadcast ||
+			header.IsV4LoopbackAddress(p.src) || p.src == header.IPv4Any
+	}
+	return header.IsV6MulticastAddress(p.src) || header.IsV6LinkLocalUnicastAddress(p.src) ||
+		header.IsV6LoopbackAddress(p.src) || p.src == header.IPv6Any
+}
+
 // natDelta is what a flow's translation towards the uplink adds to the
 // checksums, as one's complement differences (RFC 1624): the address change
 // (IPv4 header, TCP/UDP/ICMPv6 pseudo-header) and the port or ICMP echo

@@ -85,7 +85,12 @@ func (w *worker) uplinkICMPError(p *packet) {
 	}
 	key := quoted.flowKey(true) // the quoted packet is one we sent: our address is its source
 	f := e.flows.lookup(e.flows.reply, &key, w.now)
-	if f == nil || p.ttl() <= 1 {
+	// A router forwards no packet from a source that is not one host's
+	// (nor, in IPv6, from a link-local one), none from one of our clients'
+	// addresses (Linux: "saddr @downstream drop" on the uplink) and none
+	// larger than the link it goes out of.
+	if f == nil || p.ttl() <= 1 || p.sourceNotUnicast() || e.clients[addrFromTCPIP(p.src)] != nil ||
+		len(p.network) > f.client.port.mtu {
 		e.uplinkCounters.Dropped++
 		return
 	}
