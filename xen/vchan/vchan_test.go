@@ -507,3 +507,40 @@ func BenchmarkStream(b *testing.B) {
 		b.Fatal(err)
 	}
 }
+
+// TestIndicesWrapAround runs a connection whose free-running indices start
+// just below 2^32, as after 4 GiB of traffic: data crosses both the index
+// wrap and the ring's end, in each direction.
+func TestIndicesWrapAround(t *testing.T) {
+	ctx, h, vm := setup(t)
+	hs := newHostileServer(t, ctx, h, vm, 111, 10, 11, "") // LEFT 1024 bytes at 1024, RIGHT 2048 at 2048
+	const start = 1<<32 - 3
+	for off := 0; off < 16; off += 4 {
+		xen.Word(hs.ctrl, off).Store(start)
+	}
+	cli, err := vchan.Dial(ctx, vm, xen.Dom0, 111)
+	require.NoError(t, err)
+	defer cli.Close()
+	defer guard(ctx, cli)()
+
+	// Server to client over RIGHT.
+	msg := []byte("across the wrap")
+	for i, b := range msg {
+		hs.ctrl[2048+(start+i)%2048] = b
+	}
+	xen.Word(hs.ctrl, 12).Store(start + uint32(len(msg)))
+	require.NoError(t, hs.ev.Notify())
+	got := make([]byte, 64)
+	n, err := io.ReadAtLeast(cli, got, len(msg))
+	require.NoError(t, err)
+	assert.Equal(t, msg, got[:n])
+	assert.Equal(t, uint32(len(msg)-3), xen.Word(hs.ctrl, 8).Load(), "RIGHT cons wrapped")
+
+	// Client to server over LEFT.
+	_, err = cli.Write(msg)
+	require.NoError(t, err)
+	assert.Equal(t, uint32(len(msg)-3), xen.Word(hs.ctrl, 4).Load(), "LEFT prod wrapped")
+	for i, b := range msg {
+		require.Equal(t, b, hs.ctrl[1024+(start+i)%1024], "byte %d", i)
+	}
+}
