@@ -302,6 +302,39 @@ func TestTTLExpiryAndOversizedPacketsGetICMPErrors(t *testing.T) {
 	assert.Len(t, d.network, header.IPv6MinimumMTU)
 }
 
+func TestNoICMPErrorsAboutICMPErrorMessages(t *testing.T) {
+	b := newBed(t, testConfig())
+	b.addClient("a", clientAIP, clientA6, "action=accept")
+	icmp := func(src, dst netip.Addr, proto, typ uint8, ttl uint8, size int) []byte {
+		return ipPacket{srcMAC: clientMAC, dstMAC: GatewayMAC, src: src, dst: dst, ttl: ttl, df: true, proto: proto,
+			icmpType: typ, rawICMP: make([]byte, size)}.frame()
+	}
+	for i, w := 0, b.clients[clientAIP].w; i < 2; i++ {
+		w.bufs[i] = make([]byte, 2048) // a link with a larger MTU than the uplink's
+	}
+	// Errors, router advertisements and solicitations, and types Linux
+	// does not know, from traceroute-like TTLs or too large: never an
+	// error about them. IPv6: every error type.
+	for _, typ := range []uint8{1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 19, 42, 255} {
+		b.fromClient(clientAIP, icmp(clientAIP, remoteIP, protoICMPv4, typ, 1, 8), icmp(clientAIP, remoteIP, protoICMPv4, typ, 64, 1600))
+		assert.Empty(t, b.toClient(clientAIP), "ICMPv4 type %d", typ)
+	}
+	for _, typ := range []header.ICMPv6Type{header.ICMPv6DstUnreachable, header.ICMPv6PacketTooBig, header.ICMPv6TimeExceeded, header.ICMPv6ParamProblem, 100} {
+		b.fromClient(clientAIP, icmp(clientA6, remoteIP6, protoICMPv6, uint8(typ), 1, 8), icmp(clientA6, remoteIP6, protoICMPv6, uint8(typ), 64, 1600))
+		assert.Empty(t, b.toClient(clientAIP), "ICMPv6 type %d", typ)
+	}
+	// Informational messages get them.
+	for _, typ := range []header.ICMPv4Type{header.ICMPv4Echo, header.ICMPv4EchoReply, header.ICMPv4Timestamp, header.ICMPv4InfoRequest, 17, 18} {
+		b.fromClient(clientAIP, icmp(clientAIP, remoteIP, protoICMPv4, uint8(typ), 1, 8), icmp(clientAIP, remoteIP, protoICMPv4, uint8(typ), 64, 1600))
+		assert.Len(t, b.toClient(clientAIP), 2, "ICMPv4 type %d", typ)
+	}
+	for _, typ := range []header.ICMPv6Type{header.ICMPv6EchoRequest, header.ICMPv6EchoReply} {
+		b.fromClient(clientAIP, icmp(clientA6, remoteIP6, protoICMPv6, uint8(typ), 1, 8), icmp(clientA6, remoteIP6, protoICMPv6, uint8(typ), 64, 1600))
+		assert.Len(t, b.toClient(clientAIP), 2, "ICMPv6 type %d", typ)
+	}
+	assert.Empty(t, b.toUplink())
+}
+
 func TestFragmentsAreDropped(t *testing.T) {
 	b := newBed(t, testConfig())
 	b.addClient("a", clientAIP, netip.Addr{}, "action=accept")

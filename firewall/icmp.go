@@ -35,12 +35,34 @@ const (
 	replyTTL       = 64 // TTL of packets the firewall originates
 )
 
+// icmpv4Informational has bit n set for each ICMPv4 type n that Linux
+// classes as informational (icmp_pointers in net/ipv4/icmp.c): echo reply
+// and request, timestamp, information and address mask requests and
+// replies. Every other type, unknown ones included, counts as an error.
+const icmpv4Informational = 1<<header.ICMPv4EchoReply | 1<<header.ICMPv4Echo |
+	1<<header.ICMPv4Timestamp | 1<<header.ICMPv4TimestampReply |
+	1<<header.ICMPv4InfoRequest | 1<<header.ICMPv4InfoReply | 1<<17 | 1<<18 // address mask request, reply
+
+// isICMPErrorMessage reports whether p is an ICMP message that no ICMP
+// error may be sent about (RFC 1812 4.3.2.7, RFC 4443 2.4 (e)): an ICMPv6
+// error (type below 128), or any ICMPv4 type but the informational ones,
+// as Linux decides it.
+func (p *packet) isICMPErrorMessage() bool {
+	switch p.proto {
+	case protoICMPv4:
+		return p.icmpType >= 32 || icmpv4Informational>>p.icmpType&1 == 0
+	case protoICMPv6:
+		return header.ICMPv6Type(p.icmpType).IsErrorType()
+	}
+	return false
+}
+
 // icmpError sends an ICMP error about p back out of port to (to p's
 // sender), from address src, within the rate limit. Errors are never sent
-// about ICMP errors, broadcast or multicast (RFC 1812 4.3.2.7). mtu is the next-hop
-// MTU of errTooBig.
+// about ICMP error messages, broadcast or multicast (RFC 1812 4.3.2.7).
+// mtu is the next-hop MTU of errTooBig.
 func (w *worker) icmpError(to *port, p *packet, limit *tokenBucket, src tcpip.Address, kind icmpErrorKind, mtu uint32) {
-	if src.Len() == 0 || p.isICMPError() || p.notRoutable() || !limit.allow(w.now, replyRate, replyBurst) {
+	if src.Len() == 0 || p.isICMPErrorMessage() || p.notRoutable() || !limit.allow(w.now, replyRate, replyBurst) {
 		return
 	}
 	buf := w.scratchFrame()
