@@ -241,6 +241,18 @@ func (t *conntrack) expire(now int64) {
 	}
 }
 
+// removeRemote removes every flow whose remote end has address a.
+func (t *conntrack) removeRemote(a netip.Addr) {
+	var remote [16]byte
+	copy(remote[:], a.AsSlice())
+	family := rules.FamilyOf(a)
+	for i := range t.flows {
+		if f := &t.flows[i]; f.inUse && f.orig.remote == remote && f.orig.family == family {
+			t.remove(int32(i))
+		}
+	}
+}
+
 // removeClient removes all of c's flows.
 func (t *conntrack) removeClient(c *client) {
 	for c.flowHead >= 0 {

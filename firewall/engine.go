@@ -276,9 +276,14 @@ func (e *Engine) AddClient(cfg ClientConfig) error {
 			return fmt.Errorf("firewall: client %q: address %v already belongs to client %q", cfg.Name, a, e.clients[a].name)
 		}
 	}
+	// Flows that other clients opened to these addresses while they were
+	// no client's are cut, so that sys-net cannot answer as the new
+	// client (vif-route-qubes purges them from conntrack likewise).
 	e.clients[cfg.IP4] = c
+	e.flows.removeRemote(cfg.IP4)
 	if cfg.IP6.IsValid() {
 		e.clients[cfg.IP6] = c
+		e.flows.removeRemote(cfg.IP6)
 	}
 	if e.run != nil {
 		e.startWorker(c.port)

@@ -896,3 +896,29 @@ func TestFramesWaitingForTheGatewayAreNotWrittenUnderTheEngineLock(t *testing.T)
 	assert.Equal(t, sysnetMAC, net.HardwareAddr(d.eth.DestinationAddress()))
 	assert.False(t, probe.writeUnderLock.Load(), "the waiting frame was written while holding Engine.mu")
 }
+
+func TestFlowsToAnAddressEndWhenAClientGetsIt(t *testing.T) {
+	b := newBed(t, testConfig())
+	clientB6 := addr("fd09:24ef:4179::a89:b")
+	b.addClient("a", clientAIP, clientA6, "action=accept")
+	var nat []uint16
+	for _, dst := range []netip.Addr{clientBIP, clientB6, remoteIP} {
+		src := clientAIP
+		if dst.Is6() {
+			src = clientA6
+		}
+		b.fromClient(clientAIP, ipPacket{srcMAC: clientMAC, dstMAC: GatewayMAC, src: src, dst: dst, proto: protoUDP, sport: 5000, dport: 53}.frame())
+		nat = append(nat, one(t, b.toUplink()).srcPort)
+	}
+	require.Equal(t, 3, b.e.Counters().Flows)
+
+	b.addClient("b", clientBIP, clientB6, "action=accept")
+	assert.Equal(t, 1, b.e.Counters().Flows, "only the flow to the remote is left")
+	b.fromUplink(
+		ipPacket{srcMAC: sysnetMAC, dstMAC: uplinkMAC, src: clientBIP, dst: uplinkIP, proto: protoUDP, sport: 53, dport: nat[0]}.frame(),
+		ipPacket{srcMAC: sysnetMAC, dstMAC: uplinkMAC, src: clientB6, dst: uplinkIP6, proto: protoUDP, sport: 53, dport: nat[1]}.frame(),
+	)
+	assert.Empty(t, b.toClient(clientAIP), "sys-net cannot answer as client b")
+	b.fromUplink(ipPacket{srcMAC: sysnetMAC, dstMAC: uplinkMAC, src: remoteIP, dst: uplinkIP, proto: protoUDP, sport: 53, dport: nat[2]}.frame())
+	assert.Equal(t, clientAIP, one(t, b.toClient(clientAIP)).dstAddr)
+}
