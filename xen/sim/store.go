@@ -220,6 +220,11 @@ func (c *conn) serve(m xenstore.Msg) ([]byte, error) {
 	case xenstore.OpTransactionEnd:
 		return c.txEnd(m)
 	case xenstore.OpGetDomainPath, xenstore.OpIsDomainIntroduced:
+		if m.Op == xenstore.OpIsDomainIntroduced && c.dom != xen.Dom0 {
+			// xenstored flags it privileged (XS_FLAG_PRIV): a guest
+			// cannot ask whether another domain exists.
+			return nil, xenstore.EACCES
+		}
 		ss, err := xenstore.Strings(m.Payload)
 		if err != nil || len(ss) != 1 {
 			return nil, xenstore.EINVAL
