@@ -255,8 +255,9 @@ func tcpipAddr(a netip.Addr) tcpip.Address {
 	return tcpip.AddrFromSlice(a.Unmap().AsSlice())
 }
 
-// AddClient attaches a client qube. The engine owns cfg.Link from now on.
-// Its traffic is rejected until SetRules gives it rules (fail closed).
+// AddClient attaches a client qube. The engine owns cfg.Link from now on,
+// unless AddClient fails (also once Run has returned). Its traffic is
+// rejected until SetRules gives it rules (fail closed).
 func (e *Engine) AddClient(cfg ClientConfig) error {
 	if !cfg.IP4.Is4() {
 		return fmt.Errorf("firewall: client %q: IPv4 address %v is required", cfg.Name, cfg.IP4)
@@ -271,6 +272,10 @@ func (e *Engine) AddClient(cfg ClientConfig) error {
 	c.port = newPort(cfg.Link, c)
 	e.mu.Lock()
 	defer e.mu.Unlock()
+	if e.ended {
+		// Nothing would read the link, nor close it.
+		return fmt.Errorf("firewall: client %q: the engine has stopped", cfg.Name)
+	}
 	for _, a := range []netip.Addr{cfg.IP4, cfg.IP6} {
 		if a.IsValid() && e.clients[a] != nil {
 			return fmt.Errorf("firewall: client %q: address %v already belongs to client %q", cfg.Name, a, e.clients[a].name)

@@ -99,6 +99,9 @@ func TestRunForwardsUntilCancelledAndDropsFailedClients(t *testing.T) {
 	_, err = clientEnd.Write(nil)
 	assert.ErrorIs(t, err, net.ErrClosed, "Run closed the links")
 	assert.Error(t, e.Run(context.Background()), "Run only once")
+	late, _ := Pipe(GatewayMAC, clientMAC, DefaultMTU)
+	assert.Error(t, e.AddClient(ClientConfig{Name: "late", IP4: clientBIP, MAC: clientMAC, Link: late}),
+		"a client added after Run would have no reader and its link would never be closed")
 }
 
 func TestRunReturnsWhenTheUplinkFails(t *testing.T) {
