@@ -172,22 +172,23 @@ func (w *worker) clientNeighborSolicit(c *client, p *packet) {
 	w.sendNeighborAdvert(w.in, p, ns.TargetAddress(), ns.TargetAddress() == w.engine.clientGW6)
 }
 
-// DHCP ports: a client's DHCP to the gateway is dropped silently, as the
-// Linux input chain does.
-const (
-	dhcpServerPort = 67
-	dhcpClientPort = 68
-)
+// dhcpClientPort: IPv4 UDP to this port of the gateway is dropped
+// silently; everything else a client sends the gateway but ICMP is
+// rejected (qubes-ipv4.nft's input chain: "iifgroup 2 udp dport 68 drop",
+// then "iifgroup 2 reject with icmp host-prohibited"; qubes-ipv6.nft has no
+// such exception).
+const dhcpClientPort = 68
 
 // clientToGateway handles packets addressed to the firewall itself: pings
-// are answered, other ICMP and DHCP are ignored and anything else is
-// rejected with host-prohibited, as the Linux input chain does for vifs.
+// are answered, other ICMP and IPv4 UDP to port 68 are ignored and anything
+// else is rejected with host-prohibited (IPv6: admin-prohibited), as the
+// Linux input chains do for vifs.
 func (w *worker) clientToGateway(c *client, p *packet) {
 	switch {
 	case p.isEcho(true):
 		w.send(w.in, p.echoReplyInPlace(&w.in.macBytes))
 	case p.proto == protoICMPv4 || p.proto == protoICMPv6,
-		p.proto == protoUDP && (p.dstPort == dhcpServerPort || p.dstPort == dhcpClientPort):
+		p.family == rules.IPv4 && p.proto == protoUDP && p.dstPort == dhcpClientPort:
 		c.counters.Dropped++
 	default:
 		w.icmpError(w.in, p, &c.replyLimit, p.dst, errHostProhibited, 0)

@@ -240,9 +240,15 @@ func TestPingsToTheFirewallAreAnswered(t *testing.T) {
 	d = one(t, b.toClient(clientAIP))
 	assert.Equal(t, uint8(header.ICMPv6EchoReply), d.icmpType)
 
-	// DHCP to the gateway is dropped silently, other traffic rejected with host-prohibited.
-	b.fromClient(clientAIP, ipPacket{srcMAC: clientMAC, dstMAC: GatewayMAC, src: clientAIP, dst: uplinkIP, proto: protoUDP, sport: 68, dport: 67}.frame())
+	// IPv4 UDP to port 68 of the gateway is dropped silently, other
+	// traffic (DHCP to the server port too) is rejected with
+	// host-prohibited, IPv6 with admin-prohibited.
+	b.fromClient(clientAIP, ipPacket{srcMAC: clientMAC, dstMAC: GatewayMAC, src: clientAIP, dst: uplinkIP, proto: protoUDP, sport: 67, dport: 68}.frame())
 	assert.Empty(t, b.toClient(clientAIP))
+	b.fromClient(clientAIP, ipPacket{srcMAC: clientMAC, dstMAC: GatewayMAC, src: clientAIP, dst: uplinkIP, proto: protoUDP, sport: 68, dport: 67}.frame())
+	assert.Equal(t, uint8(header.ICMPv4HostProhibited), one(t, b.toClient(clientAIP)).icmpCode)
+	b.fromClient(clientAIP, ipPacket{srcMAC: clientMAC, dstMAC: GatewayMAC, src: clientA6, dst: uplinkIP6, proto: protoUDP, sport: 67, dport: 68}.frame())
+	assert.Equal(t, uint8(header.ICMPv6Prohibited), one(t, b.toClient(clientAIP)).icmpCode)
 	b.fromClient(clientAIP, ipPacket{srcMAC: clientMAC, dstMAC: GatewayMAC, src: clientAIP, dst: uplinkIP, proto: protoTCP, sport: 1, dport: 22, flags: header.TCPFlagSyn}.frame())
 	d = one(t, b.toClient(clientAIP))
 	assert.Equal(t, uint8(header.ICMPv4HostProhibited), d.icmpCode)
