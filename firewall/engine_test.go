@@ -704,7 +704,7 @@ func TestUplinkNeighborDiscovery(t *testing.T) {
 func TestLinkLocalAndLoopbackDestinationsAreNotForwarded(t *testing.T) {
 	b := newBed(t, testConfig())
 	b.addClient("a", clientAIP, clientA6, "action=accept")
-	for _, dst := range []string{"fe80::1", "::1", "ff02::1", "127.0.0.1", "0.0.0.0", "239.1.2.3"} {
+	for _, dst := range []string{"fe80::1", "::1", "ff02::1", "127.0.0.1", "0.0.0.0", "0.1.2.3", "239.1.2.3"} {
 		src := clientAIP
 		if addr(dst).Is6() {
 			src = clientA6

@@ -205,12 +205,13 @@ func (p *packet) dontFragment() bool {
 }
 
 // notRoutable reports whether p's destination is one a router never
-// forwards to: broadcast, multicast, loopback, unspecified or IPv6
+// forwards to: broadcast, multicast, loopback, unspecified (IPv4: all of
+// 0.0.0.0/8, "this network", which Linux drops as martian) or IPv6
 // link-local.
 func (p *packet) notRoutable() bool {
 	if p.family == rules.IPv4 {
 		return header.IsV4MulticastAddress(p.dst) || p.dst == header.IPv4Broadcast ||
-			header.IsV4LoopbackAddress(p.dst) || p.dst == header.IPv4Any
+			header.IsV4LoopbackAddress(p.dst) || p.dst.As4()[0] == 0
 	}
 	return header.IsV6MulticastAddress(p.dst) || header.IsV6LinkLocalUnicastAddress(p.dst) ||
 		header.IsV6LoopbackAddress(p.dst) || p.dst == header.IPv6Any
