@@ -352,6 +352,51 @@ func TestNoICMPErrorsAboutICMPErrorMessages(t *testing.T) {
 	assert.Empty(t, b.toUplink())
 }
 
+// withIPv4Options inserts options (a multiple of 4 bytes) after the IPv4
+// header of frame.
+func withIPv4Options(frame []byte, opts ...byte) []byte {
+	const ipStart = header.EthernetMinimumSize
+	out := append(append(append([]byte(nil), frame[:ipStart+header.IPv4MinimumSize]...), opts...), frame[ipStart+header.IPv4MinimumSize:]...)
+	ip := header.IPv4(out[ipStart:])
+	ip.SetHeaderLength(uint8(header.IPv4MinimumSize + len(opts)))
+	ip.SetTotalLength(uint16(len(out) - ipStart))
+	ip.SetChecksum(0)
+	ip.SetChecksum(^ip.CalculateChecksum())
+	return out
+}
+
+func TestSourceRoutedAndMalformedIPv4OptionsAreDropped(t *testing.T) {
+	b := newBed(t, testConfig())
+	b.addClient("a", clientAIP, netip.Addr{}, "action=accept")
+	udp := ipPacket{srcMAC: clientMAC, dstMAC: GatewayMAC, src: clientAIP, dst: remoteIP, proto: protoUDP, sport: 5000, dport: 53, payload: []byte("q")}.frame()
+	bad := map[string][]byte{
+		"loose source route":  {131, 7, 4, 192, 0, 2, 99, 0},
+		"strict source route": {137, 7, 4, 192, 0, 2, 99, 0},
+		"after a NOP":         {1, 131, 7, 4, 192, 0, 2, 99},
+		"length 1":            {68, 1, 0, 0},
+		"longer than header":  {7, 40, 4, 0},
+		"no length":           {1, 1, 1, 7},
+	}
+	for what, opts := range bad {
+		b.fromClient(clientAIP, withIPv4Options(udp, opts...))
+		assert.Empty(t, b.toUplink(), what)
+		assert.Empty(t, b.toClient(clientAIP), what)
+	}
+	assert.Equal(t, uint64(len(bad)), b.e.Counters().Clients[0].Dropped)
+	assert.Equal(t, 0, b.e.Counters().Flows)
+
+	// Other options pass.
+	b.fromClient(clientAIP, withIPv4Options(udp, 1, 1, 1, 1), withIPv4Options(udp, 7, 7, 4, 0, 0, 0, 0, 0))
+	sent := b.toUplink()
+	require.Len(t, sent, 2)
+	nat := decode(t, sent[0]).srcPort
+	reply := ipPacket{srcMAC: sysnetMAC, dstMAC: uplinkMAC, src: remoteIP, dst: uplinkIP, proto: protoUDP, sport: 53, dport: nat, payload: []byte("a")}.frame()
+	b.fromUplink(withIPv4Options(reply, 131, 7, 4, 10, 137, 0, 11, 0))
+	assert.Empty(t, b.toClient(clientAIP), "nor from the uplink")
+	b.fromUplink(reply)
+	one(t, b.toClient(clientAIP))
+}
+
 func TestFragmentsAreDropped(t *testing.T) {
 	b := newBed(t, testConfig())
 	b.addClient("a", clientAIP, netip.Addr{}, "action=accept")

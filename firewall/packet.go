@@ -38,7 +38,8 @@ type packet struct {
 
 // parse fills p from an Ethernet frame carrying IPv4 or IPv6 and reports
 // whether the engine can handle it. It rejects, by policy:
-//   - IPv4 with a bad header checksum or inconsistent lengths;
+//   - IPv4 with a bad header checksum or inconsistent lengths, with
+//     malformed options or with a source route (see ipv4OptionsAcceptable);
 //   - IPv4 fragments (the firewall does not reassemble: a fragment has no
 //     ports to match rules and flows against, and Linux peers use path MTU
 //     discovery, so fragments are dropped and counted);
@@ -64,6 +65,9 @@ func (p *packet) parse(frame []byte) bool {
 		if ip.More() || ip.FragmentOffset() != 0 {
 			return false
 		}
+		if ip.HeaderLength() > header.IPv4MinimumSize && !ipv4OptionsAcceptable(ip.Options()) {
+			return false
+		}
 		p.family, p.ip4, p.ip6, p.network = rules.IPv4, ip, nil, ip
 		p.src, p.dst = ip.SourceAddress(), ip.DestinationAddress()
 		p.proto, p.l4 = ip.Protocol(), ip.Payload()
@@ -81,6 +85,37 @@ func (p *packet) parse(frame []byte) bool {
 	}
 	p.frame = frame[:header.EthernetMinimumSize+len(p.network)]
 	return p.parseTransport()
+}
+
+// IPv4 source route options (RFC 791).
+const (
+	ipv4OptionLSRR = 131
+	ipv4OptionSSRR = 137
+)
+
+// ipv4OptionsAcceptable reports whether IPv4 options are well formed and
+// carry no source route. A source-routed packet goes on from the
+// destination the rules checked to hosts they never saw, so Linux drops it
+// (accept_source_route=0, systemd's default sysctl; RFC 7126 4.3.3, 4.4.3)
+// and so does the firewall; malformed options make Linux drop the packet
+// too.
+func ipv4OptionsAcceptable(opts header.IPv4Options) bool {
+	for i := 0; i < len(opts); {
+		switch header.IPv4OptionType(opts[i]) {
+		case header.IPv4OptionListEndType:
+			return true
+		case header.IPv4OptionNOPType:
+			i++
+			continue
+		case ipv4OptionLSRR, ipv4OptionSSRR:
+			return false
+		}
+		if i+1 >= len(opts) || opts[i+1] < 2 || int(opts[i+1]) > len(opts)-i {
+			return false
+		}
+		i += int(opts[i+1])
+	}
+	return true
 }
 
 // parseTransport fills the transport fields from p.l4.
