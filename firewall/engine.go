@@ -21,7 +21,7 @@
 //     rate-limited per client. A TCP segment other than a SYN without a
 //     flow is answered with a RST.
 //  5. From the uplink (fromUplink): ARP and neighbour discovery for our
-//     address and the gateway's, IPv6 pings to us, then only packets of known
+//     address and the gateway's, pings to us, then only packets of known
 //     flows and ICMP errors that quote one are translated back and queued
 //     for the client's link; everything else is dropped.
 //  6. At the end of the batch, every queued frame is written with one Write

@@ -9,8 +9,7 @@ import (
 )
 
 // fromUplink handles one frame from sys-net (pipeline step 5): neighbour
-// discovery, IPv6 pings to us, packets of known flows and ICMP errors about
-// them.
+// discovery, pings to us, packets of known flows and ICMP errors about them.
 // Everything else is dropped.
 func (w *worker) fromUplink(frame []byte) {
 	e := w.engine
@@ -34,12 +33,10 @@ func (w *worker) fromUplink(frame []byte) {
 	switch {
 	case p.isICMPError():
 		w.uplinkICMPError(p)
-	case p.isEcho(true) && p.family == rules.IPv4:
-		// Linux's IPv4 input chain takes ICMP from client vifs only, so
-		// sys-firewall does not answer pings from sys-net (its IPv6 input
-		// chain takes ICMPv6 from anywhere).
-		e.uplinkCounters.Dropped++
 	case p.isEcho(true):
+		// Pings to the firewall itself are answered from both sides (the
+		// issue's contract; Linux's IPv4 input chain would drop them from
+		// sys-net). Echo requests never belong to a client's flow.
 		w.send(e.uplink, p.echoReplyInPlace(&e.uplink.macBytes))
 	default:
 		key := p.flowKey(false)
