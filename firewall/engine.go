@@ -89,7 +89,7 @@ type Config struct {
 	MaxFlowsPerClient int // one client's share; 0 means MaxFlows/DefaultClientShareDivisor
 
 	Logger *slog.Logger     // nil discards
-	Clock  func() time.Time // nil means time.Now; tests move time by hand
+	Clock  func() time.Time // nil means monotonicClock(); tests move time by hand
 	Rand   io.Reader        // seeds the NAT port generator; nil means crypto/rand
 }
 
@@ -131,6 +131,14 @@ func ConfigFromQubesDB(db map[string]string) (Config, error) {
 // with: specialtarget=dns matches the client DNS addresses.
 func (cfg *Config) RuleOptions(family rules.Family, resolver rules.Resolver) rules.Options {
 	return rules.Options{Family: family, DNSServers: cfg.ClientDNS, Resolver: resolver}
+}
+
+// monotonicClock reads the wall clock once and then advances with the
+// monotonic clock, so that a clock step (time sync, resume) neither expires
+// nor prolongs every flow at once; Linux's conntrack counts jiffies too.
+func monotonicClock() func() time.Time {
+	start := time.Now()
+	return func() time.Time { return start.Add(time.Since(start)) }
 }
 
 // ClientConfig describes one client qube attached to the firewall.
@@ -210,7 +218,7 @@ func New(cfg Config, uplink Link) (*Engine, error) {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
 	if cfg.Clock == nil {
-		cfg.Clock = time.Now
+		cfg.Clock = monotonicClock()
 	}
 	if cfg.Rand == nil {
 		cfg.Rand = rand.Reader

@@ -975,3 +975,13 @@ func TestFlowsToAnAddressEndWhenAClientGetsIt(t *testing.T) {
 	b.fromUplink(ipPacket{srcMAC: sysnetMAC, dstMAC: uplinkMAC, src: remoteIP, dst: uplinkIP, proto: protoUDP, sport: 53, dport: nat[2]}.frame())
 	assert.Equal(t, clientAIP, one(t, b.toClient(clientAIP)).dstAddr)
 }
+
+func TestMonotonicClockFollowsElapsedTime(t *testing.T) {
+	clock := monotonicClock()
+	before := time.Now()
+	a := clock()
+	b := clock()
+	after := time.Now()
+	assert.False(t, b.Before(a), "never goes back")
+	assert.WithinDuration(t, before, a, after.Sub(before)+time.Millisecond)
+}
