@@ -306,7 +306,23 @@ func TestPcap(t *testing.T) {
 	lines := strings.Split(strings.TrimSpace(out), "\n")
 	require.Len(t, lines, 2, "one packet from 1.1.1.1 and the summary")
 	assert.Contains(t, lines[0], `"packet":4`)
-	assert.Contains(t, lines[1], `"summary"`)
+	var sum struct {
+		Summary struct {
+			Packets   int `json:"packets"`
+			NotClient int `json:"not_from_client"`
+			Rows      []struct {
+				Rule    *int   `json:"rule"`
+				Verdict string `json:"verdict"`
+				Packets int    `json:"packets"`
+			} `json:"rows"`
+		} `json:"summary"`
+	}
+	require.NoError(t, json.Unmarshal([]byte(lines[1]), &sum))
+	assert.Equal(t, 8, sum.Summary.Packets)
+	assert.Equal(t, 5, sum.Summary.NotClient)
+	require.Len(t, sum.Summary.Rows, 1)
+	assert.Nil(t, sum.Summary.Rows[0].Rule, "to port 40000 no rule matches: the policy decides")
+	assert.Equal(t, "drop", sum.Summary.Rows[0].Verdict)
 }
 
 func FuzzFlowOf(f *testing.F) {

@@ -3,11 +3,14 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"cmp"
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net/netip"
 	"os"
+	"slices"
 
 	"github.com/google/gopacket"
 	"github.com/google/gopacket/layers"
@@ -85,30 +88,30 @@ func (s *simulator) pcap(args []string) error {
 
 	rows := map[summaryKey]*summaryRow{}
 	seen := map[rules.Flow]bool{}
-	var n, notClient, notIP, malformed, fragments int
+	var st pcapStats
 	for {
 		data, _, err := capture.ReadPacketData()
 		if errors.Is(err, io.EOF) {
 			break
 		}
 		if err != nil {
-			return fmt.Errorf("%s: packet %d: %v", args[1], n+1, err)
+			return fmt.Errorf("%s: packet %d: %v", args[1], st.Packets+1, err)
 		}
-		n++
+		st.Packets++
 		f, status := flowOf(capture.LinkType(), data)
 		switch status {
 		case pktNotIP:
-			notIP++
+			st.NotIP++
 			continue
 		case pktMalformed:
-			malformed++
+			st.Malformed++
 			continue
 		case pktFragment:
-			fragments++
+			st.Fragments++
 			continue
 		}
 		if !isClient(f.Src) {
-			notClient++
+			st.NotClient++
 			continue
 		}
 		v := decide(src, f)
@@ -128,36 +131,35 @@ func (s *simulator) pcap(args []string) error {
 			if err := s.emitJSON(struct {
 				Packet int `json:"packet"`
 				verdictJSON
-			}{n, j}); err != nil {
+			}{st.Packets, j}); err != nil {
 				return err
 			}
 			continue
 		}
-		fmt.Fprintf(s.out, "#%-6d %-6s  %s  [%s]\n", n, v.Action, f, ruleLabel(v))
+		fmt.Fprintf(s.out, "#%-6d %-6s  %s  [%s]\n", st.Packets, v.Action, f, ruleLabel(v))
 	}
-	return s.printSummary(rows, who, n, notClient, notIP, malformed, fragments)
+	return s.printSummary(rows, who, st)
 }
 
-func (s *simulator) printSummary(rows map[summaryKey]*summaryRow, who string, n, notClient, notIP, malformed, fragments int) error {
-	keys := make([]summaryKey, 0, len(rows))
-	for k := range rows {
-		keys = append(keys, k)
-	}
-	// Rules in order, the policy last.
-	less := func(a, b summaryKey) bool {
-		if (a.number < 0) != (b.number < 0) {
-			return b.number < 0
+// pcapStats counts what a capture held.
+type pcapStats struct {
+	Packets   int `json:"packets"`
+	NotClient int `json:"not_from_client"`
+	NotIP     int `json:"not_ip"`
+	Malformed int `json:"malformed"`
+	Fragments int `json:"fragments"`
+}
+
+func (s *simulator) printSummary(rows map[summaryKey]*summaryRow, who string, st pcapStats) error {
+	keys := slices.Collect(maps.Keys(rows))
+	// Rules in order, the policy (number -1) last.
+	slices.SortFunc(keys, func(a, b summaryKey) int {
+		an, bn := uint(a.number), uint(b.number) // -1 sorts last
+		if an != bn {
+			return cmp.Compare(an, bn)
 		}
-		if a.number != b.number {
-			return a.number < b.number
-		}
-		return a.action < b.action
-	}
-	for i := 1; i < len(keys); i++ {
-		for j := i; j > 0 && less(keys[j], keys[j-1]); j-- {
-			keys[j], keys[j-1] = keys[j-1], keys[j]
-		}
-	}
+		return cmp.Compare(a.action, b.action)
+	})
 	if s.opts.json {
 		type row struct {
 			Rule    *int   `json:"rule"`
@@ -167,13 +169,9 @@ func (s *simulator) printSummary(rows map[summaryKey]*summaryRow, who string, n,
 			Packets int    `json:"packets"`
 		}
 		sum := struct {
-			Packets   int   `json:"packets"`
-			NotClient int   `json:"not_from_client"`
-			NotIP     int   `json:"not_ip"`
-			Malformed int   `json:"malformed"`
-			Fragments int   `json:"fragments"`
-			Rows      []row `json:"rows"`
-		}{n, notClient, notIP, malformed, fragments, nil}
+			pcapStats
+			Rows []row `json:"rows"`
+		}{pcapStats: st}
 		for _, k := range keys {
 			r := row{Verdict: k.action.String(), Text: rows[k].text, Flows: rows[k].flows, Packets: rows[k].packets}
 			if k.number >= 0 {
@@ -193,7 +191,7 @@ func (s *simulator) printSummary(rows map[summaryKey]*summaryRow, who string, n,
 		fmt.Fprintf(s.out, "%-8s %7d %8d  %s\n", k.action, r.flows, r.packets, r.text)
 	}
 	fmt.Fprintf(s.out, "%d packets read; not from the client: %d, not IP: %d, malformed: %d, non-first fragments: %d\n",
-		n, notClient, notIP, malformed, fragments)
+		st.Packets, st.NotClient, st.NotIP, st.Malformed, st.Fragments)
 	return nil
 }
 
