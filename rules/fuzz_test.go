@@ -54,3 +54,28 @@ func FuzzParse(f *testing.F) {
 		}
 	})
 }
+
+// FuzzParseFlow checks that any accepted flow text round-trips through
+// String.
+func FuzzParseFlow(f *testing.F) {
+	for _, seed := range []string{
+		"tcp 10.137.0.5:40000 -> 93.184.216.34:443",
+		"udp 10.137.0.5 -> 10.139.1.1:53",
+		"icmp 10.137.0.5 -> 8.8.8.8 type 8",
+		"tcp [fd09:24ef:4179::a89:5]:1 -> [2001:db8::1]:443",
+		"47 1.2.3.4 -> 5.6.7.8",
+		"icmp ::ffff:1.2.3.4 -> 1.2.3.5",
+	} {
+		f.Add(seed)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		fl, err := ParseFlow(s)
+		if err != nil {
+			return
+		}
+		again, err := ParseFlow(fl.String())
+		if err != nil || again != fl {
+			t.Fatalf("%q -> %q -> %+v, %v", s, fl.String(), again, err)
+		}
+	})
+}

@@ -73,7 +73,7 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 	fs.StringVar(&o.dnsServers, "dns-servers", "10.139.1.1,10.139.1.2", "comma-separated `ADDRS` that specialtarget=dns means")
 	fs.StringVar(&o.client, "client", "", "pcap: the client's `ADDRESS` (default: the dump's clients, or the Qubes client ranges)")
 	fs.Usage = func() {
-		fmt.Fprint(stderr, usage)
+		fmt.Fprint(fs.Output(), usage)
 		fs.PrintDefaults()
 	}
 	if len(args) == 0 {
@@ -86,12 +86,16 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 		fs.Usage()
 		return exitOK
 	}
+	fs.SetOutput(io.Discard) // a bad flag gets one line, not the whole usage
 	pos, err := parseInterleaved(fs, args[1:])
 	if err != nil {
 		if errors.Is(err, flag.ErrHelp) {
+			fs.SetOutput(stdout)
+			fs.Usage()
 			return exitOK
 		}
-		return exitUsage // the flag package has printed the problem
+		fmt.Fprintf(stderr, "qfw-sim: %v (qfw-sim -h for help)\n", err)
+		return exitUsage
 	}
 	out := bufio.NewWriter(stdout)
 	defer out.Flush()

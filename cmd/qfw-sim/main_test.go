@@ -231,6 +231,9 @@ func TestBadInput(t *testing.T) {
 			assert.Empty(t, out)
 			assert.NotContains(t, errOut, "goroutine")
 			assert.NotEmpty(t, strings.TrimSpace(errOut))
+			if name != "no args" {
+				assert.Equal(t, 1, strings.Count(errOut, "\n"), "one line: %q", errOut)
+			}
 		})
 	}
 	code, _, errOut := runSim(t, "not a dump\nx = y\n", "eval", "-", "tcp 1.1.1.1 -> 2.2.2.2:1")
@@ -332,6 +335,34 @@ func FuzzFlowOf(f *testing.F) {
 		fl, st := flowOf(layers.LinkType(link), data)
 		if st == pktOK && !fl.Src.IsValid() {
 			t.Fatalf("flow without a source: %+v", fl)
+		}
+	})
+}
+
+// FuzzInputs feeds arbitrary text as rules (raw or dump), hosts and flows:
+// every outcome is a result or a one-line error, never a panic.
+func FuzzInputs(f *testing.F) {
+	f.Add("10.137.0.5/0000 = action=accept\n10.137.0.5/policy = drop\n", "1.2.3.4 a.example\n", "tcp 10.137.0.5 -> 1.1.1.1:80")
+	f.Add("action=accept dsthost=a.example comment=x\n", `{"a.example": ["1.2.3.4"]}`, "udp 10.137.0.5 -> 1.2.3.4:53")
+	f.Add("policy = drop\n0000 = action=drop proto=icmp\n", "a.example: 1.2.3.4, ::1", "icmp 10.137.0.5 -> 1.2.3.4 type 8")
+	f.Fuzz(func(t *testing.T, rules, hosts, flow string) {
+		dir := t.TempDir()
+		hostsFile := filepath.Join(dir, "hosts")
+		if err := os.WriteFile(hostsFile, []byte(hosts), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		code, out, errOut := runSim(t, rules, "eval", "-json", "-hosts", hostsFile, "-", flow)
+		switch code {
+		case exitOK:
+			if strings.Count(out, "\n") == 0 {
+				t.Fatalf("exit 0 without a result")
+			}
+		case exitUsage:
+			if out != "" || strings.Count(strings.TrimSpace(errOut), "\n") > 1 {
+				t.Fatalf("error with output %q / %q", out, errOut)
+			}
+		default:
+			t.Fatalf("exit %d", code)
 		}
 	})
 }
