@@ -131,9 +131,15 @@ type Change struct {
 	Old, New Verdict
 }
 
+// Checker decides flows: a Ruleset, or anything that picks one per flow
+// (such as a table of clients' rule sets keyed by source address).
+type Checker interface {
+	Check(Flow) Verdict
+}
+
 // Diff lists, in the order given, the flows whose verdict (accept or drop)
 // differs between old and new.
-func Diff(old, new *Ruleset, flows []Flow) []Change {
+func Diff(old, new Checker, flows []Flow) []Change {
 	var out []Change
 	for _, f := range flows {
 		o, n := old.Check(f), new.Check(f)

@@ -250,8 +250,9 @@ func (s *simulator) flows(args []string) ([]flowArg, error) {
 	return all, nil
 }
 
-// decide is the firewall's verdict for a flow from a client.
-func decide(src *ruleSource, f rules.Flow) rules.Verdict {
+// Check is the firewall's verdict for a flow from a client: the rule set of
+// the flow's source decides.
+func (src *ruleSource) Check(f rules.Flow) rules.Verdict {
 	rs, why := src.lookup(f.Src)
 	if rs == nil {
 		return rules.Verdict{Action: rules.Drop, Index: -1, Number: -1, Text: rules.PolicyText, Reason: why}
@@ -307,7 +308,7 @@ func (s *simulator) eval(args []string) error {
 		return err
 	}
 	for _, f := range flows {
-		v := decide(src, f.flow)
+		v := src.Check(f.flow)
 		if s.opts.json {
 			if err := s.emitJSON(toJSON(f.text, v)); err != nil {
 				return err
@@ -340,28 +341,32 @@ func (s *simulator) diff(args []string) error {
 	if err != nil {
 		return err
 	}
-	changed := 0
-	for _, f := range flows {
-		ov, nv := decide(old, f.flow), decide(cur, f.flow)
-		if ov.Action == nv.Action {
-			continue
+	plain := make([]rules.Flow, len(flows))
+	texts := make(map[rules.Flow]string, len(flows))
+	for i, f := range flows {
+		plain[i] = f.flow
+		if _, dup := texts[f.flow]; !dup {
+			texts[f.flow] = f.text
 		}
-		changed++
+	}
+	changes := rules.Diff(old, cur, plain)
+	for _, c := range changes {
+		text := texts[c.Flow]
 		if s.opts.json {
 			if err := s.emitJSON(struct {
 				Flow string      `json:"flow"`
 				Old  verdictJSON `json:"old"`
 				New  verdictJSON `json:"new"`
-			}{f.text, toJSON("", ov), toJSON("", nv)}); err != nil {
+			}{text, toJSON("", c.Old), toJSON("", c.New)}); err != nil {
 				return err
 			}
 			continue
 		}
 		fmt.Fprintf(s.out, "%s: %s -> %s\n  before: [%s] %s\n  after:  [%s] %s\n",
-			f.text, ov.Action, nv.Action, ruleLabel(ov), ov.Reason, ruleLabel(nv), nv.Reason)
+			text, c.Old.Action, c.New.Action, ruleLabel(c.Old), c.Old.Reason, ruleLabel(c.New), c.New.Reason)
 	}
 	if !s.opts.json {
-		fmt.Fprintf(s.out, "%d of %d flows change their verdict\n", changed, len(flows))
+		fmt.Fprintf(s.out, "%d of %d flows change their verdict\n", len(changes), len(flows))
 	}
 	return nil
 }

@@ -114,7 +114,7 @@ func (s *simulator) pcap(args []string) error {
 			st.NotClient++
 			continue
 		}
-		v := decide(src, f)
+		v := src.Check(f)
 		key := summaryKey{v.Number, v.Action}
 		row := rows[key]
 		if row == nil {
