@@ -34,12 +34,7 @@ func Dial(ctx context.Context, d xen.Domain, server xen.DomID, port int) (c *Con
 	var ev xen.EventChannel
 	defer func() {
 		if err != nil {
-			for i := len(mem) - 1; i >= 0; i-- {
-				_ = mem[i].Close() // already failing; the first error says why
-			}
-			if ev != nil {
-				_ = ev.Close()
-			}
+			releaseSetup(mem, ev)
 		}
 	}()
 
@@ -169,4 +164,15 @@ func readUint(ctx context.Context, xs *xenstore.Client, path string) (uint32, er
 		return 0, fmt.Errorf("%w: %s = %q", ErrCorrupt, path, v)
 	}
 	return uint32(n), nil
+}
+
+// releaseSetup undoes a connection set-up that failed half way: the pages
+// mapped or shared so far (newest first) and the event channel.
+func releaseSetup(mem []xen.Pages, ev xen.EventChannel) {
+	for i := len(mem) - 1; i >= 0; i-- {
+		_ = mem[i].Close() // already failing; the first error says why
+	}
+	if ev != nil {
+		_ = ev.Close()
+	}
 }

@@ -41,12 +41,7 @@ func Listen(ctx context.Context, d xen.Domain, client xen.DomID, port int, readM
 	var ev xen.EventChannel
 	defer func() {
 		if err != nil {
-			for i := len(mem) - 1; i >= 0; i-- {
-				_ = mem[i].Close() // already failing; the first error says why
-			}
-			if ev != nil {
-				_ = ev.Close()
-			}
+			releaseSetup(mem, ev)
 		}
 	}()
 	fail := func(what string, err error) error {
