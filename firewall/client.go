@@ -32,6 +32,8 @@ type client struct {
 	// Guarded by Engine.mu.
 	flowHead, flowTail int32 // the client's flows, oldest first
 	flowCount          int
+	fragHead, fragTail int32 // the client's fragment trains, oldest first
+	fragCount          int
 	counters           ClientCounters
 	replyLimit         tokenBucket
 	removed            bool
@@ -47,6 +49,8 @@ func newClient(cfg ClientConfig) *client {
 		mac:      [header.EthernetAddressSize]byte(cfg.MAC),
 		flowHead: -1,
 		flowTail: -1,
+		fragHead: -1,
+		fragTail: -1,
 	}
 }
 
@@ -98,7 +102,7 @@ func (w *worker) fromClient(c *client, frame []byte) {
 	}
 	p := &w.pkt
 	if !p.parse(frame) {
-		c.counters.Dropped++ // malformed, fragment, unsupported protocol
+		c.counters.Dropped++ // malformed, unsafe fragment, unsupported protocol
 		return
 	}
 	if p.isNeighborSolicit() {
@@ -111,6 +115,10 @@ func (w *worker) fromClient(c *client, frame []byte) {
 	}
 	if [header.EthernetAddressSize]byte(frame) != w.in.macBytes {
 		c.counters.Dropped++ // broadcast or multicast frame: DHCP, mDNS, ...
+		return
+	}
+	if p.frag == fragLater {
+		w.clientFragment(c, p)
 		return
 	}
 	e := w.engine
@@ -185,7 +193,7 @@ const dhcpClientPort = 68
 // Linux input chains do for vifs.
 func (w *worker) clientToGateway(c *client, p *packet) {
 	switch {
-	case p.isEcho(true):
+	case p.isEcho(true) && p.frag == notFragment: // fragments are not reassembled: a fragmented ping goes unanswered
 		w.send(w.in, p.echoReplyInPlace(&w.in.macBytes))
 	case p.proto == protoICMPv4 || p.proto == protoICMPv6,
 		p.family == rules.IPv4 && p.proto == protoUDP && p.dstPort == dhcpClientPort:
@@ -273,15 +281,26 @@ func addrFromTCPIP(a tcpip.Address) netip.Addr {
 }
 
 // forwardToUplink translates a client's packet of flow f and queues it for
-// the uplink (pipeline step 3, the fast path).
+// the uplink (pipeline step 3, the fast path). A first fragment starts its
+// train.
 func (w *worker) forwardToUplink(c *client, f *flow, p *packet) {
 	e := w.engine
+	if p.frag == fragFirst && !w.startTrain(p, f, true) {
+		return
+	}
 	n := uint64(len(p.network))
 	c.counters.TxPackets++
 	c.counters.TxBytes += n
 	f.rule.bytes += n
 	p.decrementTTL()
 	p.translate(true, e.uplinkAddr(p.family), f.reply.localPort, f.delta)
+	w.sendToUplink(p)
+}
+
+// sendToUplink addresses the translated packet p to the uplink gateway and
+// queues it, or holds it until the gateway's MAC is known.
+func (w *worker) sendToUplink(p *packet) {
+	e := w.engine
 	nb := e.gatewayNeighbour(p.family)
 	p.setEthernet(&nb.mac, &e.uplink.macBytes)
 	if !nb.resolved {

@@ -66,6 +66,7 @@ type flowKey struct {
 type flow struct {
 	orig, reply flowKey // orig as the client sends it, reply as the uplink returns it
 	client      *client
+	id          uint64     // unique among the flows the table ever held (fragment trains check it)
 	rule        *ruleCount // the rule that accepted it, for byte counts
 	delta       natDelta   // checksum change of the translation towards the uplink
 	expires     int64      // unix nanoseconds
@@ -88,6 +89,7 @@ type conntrack struct {
 	reply     map[flowKey]int32
 	natRand   *rand.ChaCha8
 	lastSweep int64
+	lastID    uint64
 }
 
 func newConntrack(capacity, perClient int, seed [32]byte) *conntrack {
@@ -137,7 +139,8 @@ func (t *conntrack) create(c *client, orig *flowKey, natAddr [16]byte, state flo
 	t.free = f.next
 	t.used++
 	addrLen := c.addr(orig.family).Len()
-	*f = flow{orig: *orig, reply: reply, client: c, state: state, inUse: true, prev: c.flowTail, next: -1,
+	t.lastID++
+	*f = flow{orig: *orig, reply: reply, client: c, id: t.lastID, state: state, inUse: true, prev: c.flowTail, next: -1,
 		delta: newNATDelta(orig.local[:addrLen], natAddr[:addrLen], orig.localPort, reply.localPort)}
 	f.refresh(now)
 	if c.flowTail >= 0 {

@@ -9,15 +9,17 @@ import (
 
 // Counters is a snapshot of the engine's counters.
 type Counters struct {
-	Flows   int // entries in the conntrack table
-	Uplink  UplinkCounters
-	Clients []ClientCounters // sorted by IPv4 address
+	Flows      int // entries in the conntrack table
+	FragTrains int // entries in the IPv4 fragment train table
+	Uplink     UplinkCounters
+	Clients    []ClientCounters // sorted by IPv4 address
 }
 
 // UplinkCounters count what arrived on the uplink and was not forwarded.
 type UplinkCounters struct {
 	Dropped       uint64 // not of a known flow, not for us, malformed
 	FlowTableFull uint64 // new flows refused because the table (or a share) was full
+	FragTableFull uint64 // first fragments dropped because the fragment train table was full
 	WriteErrors   uint64 // batches the uplink failed to send
 }
 
@@ -26,6 +28,7 @@ type ClientCounters struct {
 	Name               string
 	IP4, IP6           netip.Addr
 	Flows              int
+	FragTrains         int    // fragment trains of the client's flows, both directions
 	TxPackets, TxBytes uint64 // forwarded from the client to the uplink
 	RxPackets, RxBytes uint64 // forwarded from the uplink to the client
 	Accepted, Rejected uint64 // new flows
@@ -101,13 +104,13 @@ func (t *ruleTable) snapshot() []RuleCounter {
 func (e *Engine) Counters() Counters {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	out := Counters{Flows: e.flows.used, Uplink: e.uplinkCounters}
+	out := Counters{Flows: e.flows.used, FragTrains: e.frags.used, Uplink: e.uplinkCounters}
 	for ip, c := range e.clients {
 		if ip != c.ip4 {
 			continue
 		}
 		cc := c.counters
-		cc.Name, cc.IP4, cc.IP6, cc.Flows = c.name, c.ip4, c.ip6, c.flowCount
+		cc.Name, cc.IP4, cc.IP6, cc.Flows, cc.FragTrains = c.name, c.ip4, c.ip6, c.flowCount, c.fragCount
 		cc.Rules4 = c.rules4.Load().snapshot()
 		cc.Rules6 = c.rules6.Load().snapshot()
 		out.Clients = append(out.Clients, cc)

@@ -27,18 +27,27 @@
 //  6. At the end of the batch, every queued frame is written with one Write
 //     per destination link (flush).
 //
+// IPv4 fragments are forwarded, never reassembled (fragments.go): a first
+// fragment takes steps 2 to 5 like any packet and, once forwarded, starts a
+// fragment train (a bounded table with a per-client share, 30 s); a later
+// fragment is forwarded in either direction only if its train is known,
+// with the address translated as its flow's, else dropped. Fragments that
+// cannot be forwarded safely this way (RFC 1858 tiny and overlapping TCP
+// fragments, fragmented ICMP errors, ...) and IPv6 extension headers
+// (fragment header included) are dropped by packet.parse.
+//
 // Frames the engine makes itself (replies, ICMP errors, resets) are built
 // in per-goroutine scratch buffers, so steady-state forwarding does not
-// allocate. IPv4 fragments and IPv6 extension headers are dropped (see
-// packet.parse), never reassembled. One mutex (Engine.mu) guards the
-// conntrack table, the clients and the counters; a link's goroutine holds
+// allocate. One mutex (Engine.mu) guards the conntrack and fragment train
+// tables, the clients and the counters; a link's goroutine holds
 // it while it processes a batch (about a hundred nanoseconds per packet),
 // never while it writes.
 //
 // Files follow the pipeline: engine.go (Run, routineReadLink), worker.go
 // (processBatch, flush), packet.go (parse, translate), client.go
 // (fromClient ... forwardToUplink), conntrack.go, uplink.go (fromUplink ...
-// forwardToClient), icmp.go and neighbour.go (frames the engine makes).
+// forwardToClient), fragments.go (fragment trains), icmp.go and
+// neighbour.go (frames the engine makes).
 package firewall
 
 import (
@@ -87,6 +96,10 @@ type Config struct {
 
 	MaxFlows          int // conntrack capacity; 0 means DefaultMaxFlows
 	MaxFlowsPerClient int // one client's share; 0 means MaxFlows/DefaultClientShareDivisor
+	// MaxFragTrains is the capacity of the IPv4 fragment train table
+	// (fragments.go); 0 means DefaultMaxFragTrains. A client's share of it
+	// is in the proportion of MaxFlowsPerClient to MaxFlows.
+	MaxFragTrains int
 
 	Logger *slog.Logger     // nil discards
 	Clock  func() time.Time // nil means monotonicClock(); tests move time by hand
@@ -167,6 +180,7 @@ type Engine struct {
 	mu              sync.Mutex // guards everything below
 	clients         map[netip.Addr]*client
 	flows           *conntrack
+	frags           *fragTable
 	neighbours      [2]neighbour // uplink gateways: [0] IPv4, [1] IPv6
 	uplinkCounters  UplinkCounters
 	uplinkICMPLimit tokenBucket // ICMP errors we send to the uplink
@@ -214,6 +228,9 @@ func New(cfg Config, uplink Link) (*Engine, error) {
 	if cfg.MaxFlowsPerClient <= 0 || cfg.MaxFlowsPerClient > cfg.MaxFlows {
 		cfg.MaxFlowsPerClient = max(1, cfg.MaxFlows/DefaultClientShareDivisor)
 	}
+	if cfg.MaxFragTrains <= 0 {
+		cfg.MaxFragTrains = DefaultMaxFragTrains
+	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
@@ -240,6 +257,7 @@ func New(cfg Config, uplink Link) (*Engine, error) {
 		housekeepingPeriod: time.Second,
 		clients:            make(map[netip.Addr]*client),
 		flows:              newConntrack(cfg.MaxFlows, cfg.MaxFlowsPerClient, seed),
+		frags:              newFragTable(cfg.MaxFragTrains, max(1, cfg.MaxFragTrains*cfg.MaxFlowsPerClient/cfg.MaxFlows)),
 	}
 	if e.clientGW6.Len() == 0 {
 		// Clients still get ICMPv6 errors (and ND answers) from the
@@ -330,6 +348,7 @@ func (e *Engine) removeClient(c *client) {
 		delete(e.clients, c.ip6)
 	}
 	e.flows.removeClient(c)
+	e.frags.removeClient(c)
 	c.removed = true
 	e.mu.Unlock()
 	c.port.link.Close()
@@ -426,11 +445,14 @@ loop:
 	return err
 }
 
-// housekeeping runs once per housekeepingPeriod: expire flows, retry
+// housekeeping runs once per housekeepingPeriod: expire flows and
+// fragment trains, retry
 // resolving the uplink gateways.
 func (e *Engine) housekeeping() {
 	e.mu.Lock()
-	e.flows.expire(e.now().UnixNano())
+	now := e.now().UnixNano()
+	e.flows.expire(now)
+	e.frags.expire(now)
 	e.mu.Unlock()
 	e.resolveGateways()
 }

@@ -399,17 +399,6 @@ func TestSourceRoutedAndMalformedIPv4OptionsAreDropped(t *testing.T) {
 	one(t, b.toClient(clientAIP))
 }
 
-func TestFragmentsAreDropped(t *testing.T) {
-	b := newBed(t, testConfig())
-	b.addClient("a", clientAIP, netip.Addr{}, "action=accept")
-	first := ipPacket{srcMAC: clientMAC, dstMAC: GatewayMAC, src: clientAIP, dst: remoteIP, proto: protoUDP, sport: 5000, dport: 53, moreFragments: true, payload: make([]byte, 64)}
-	later := first
-	later.moreFragments, later.fragOffset = false, 9
-	b.fromClient(clientAIP, first.frame(), later.frame())
-	assert.Empty(t, b.toUplink())
-	assert.Equal(t, uint64(2), b.e.Counters().Clients[0].Dropped)
-}
-
 func TestUDPAndDNSFlowsAndTheirTimeouts(t *testing.T) {
 	b := newBed(t, testConfig())
 	b.addClient("a", clientAIP, netip.Addr{}, "action=accept specialtarget=dns")

@@ -34,15 +34,26 @@ type packet struct {
 	icmpType         uint8
 	icmpCode         uint8
 	tcpFlags         header.TCPFlags
+
+	frag fragKind // IPv4 only: whether p is a fragment, and which
 }
+
+// fragKind says whether an IPv4 packet is a fragment (see fragments.go).
+type fragKind uint8
+
+const (
+	notFragment fragKind = iota
+	fragFirst            // offset 0, more fragments: carries the transport header
+	fragLater            // offset > 0: no transport header, p.l4 is raw payload
+)
 
 // parse fills p from an Ethernet frame carrying IPv4 or IPv6 and reports
 // whether the engine can handle it. It rejects, by policy:
 //   - IPv4 with a bad header checksum or inconsistent lengths, with
 //     malformed options or with a source route (see ipv4OptionsAcceptable);
-//   - IPv4 fragments (the firewall does not reassemble: a fragment has no
-//     ports to match rules and flows against, and Linux peers use path MTU
-//     discovery, so fragments are dropped and counted);
+//   - IPv4 fragments that cannot be forwarded safely without reassembly
+//     (see parseFragment); the others are parsed, a first fragment with
+//     its transport header, a later one with none (p.frag says which);
 //   - IPv6 whose first next header is not TCP, UDP or ICMPv6 (extension
 //     headers, including the fragment header, are not forwarded);
 //   - transports other than TCP, UDP and ICMP, and truncated transport
@@ -62,22 +73,24 @@ func (p *packet) parse(frame []byte) bool {
 			return false
 		}
 		ip = ip[:ip.TotalLength()]
-		if ip.More() || ip.FragmentOffset() != 0 {
-			return false
-		}
 		if ip.HeaderLength() > header.IPv4MinimumSize && !ipv4OptionsAcceptable(ip.Options()) {
 			return false
 		}
 		p.family, p.ip4, p.ip6, p.network = rules.IPv4, ip, nil, ip
 		p.src, p.dst = ip.SourceAddress(), ip.DestinationAddress()
 		p.proto, p.l4 = ip.Protocol(), ip.Payload()
+		p.frag = notFragment
+		if ip.More() || ip.FragmentOffset() != 0 {
+			p.frame = frame[:header.EthernetMinimumSize+len(p.network)]
+			return p.parseFragment()
+		}
 	case header.IPv6ProtocolNumber:
 		ip := header.IPv6(payload)
 		if !ip.IsValid(len(payload)) {
 			return false
 		}
 		ip = ip[:header.IPv6MinimumSize+int(ip.PayloadLength())]
-		p.family, p.ip4, p.ip6, p.network = rules.IPv6, nil, ip, ip
+		p.family, p.ip4, p.ip6, p.network, p.frag = rules.IPv6, nil, ip, ip, notFragment
 		p.src, p.dst = ip.SourceAddress(), ip.DestinationAddress()
 		p.proto, p.l4 = ip.NextHeader(), ip.Payload()
 	default:
@@ -133,7 +146,16 @@ func (p *packet) parseTransport() bool {
 		}
 	case protoUDP:
 		udp := header.UDP(p.l4)
-		if len(udp) < header.UDPMinimumSize || int(udp.Length()) != len(udp) {
+		switch {
+		case len(udp) < header.UDPMinimumSize:
+			return false
+		case p.frag == fragFirst:
+			// The rest of the datagram that the UDP length measures
+			// follows in later fragments.
+			if int(udp.Length()) <= len(udp) {
+				return false
+			}
+		case int(udp.Length()) != len(udp):
 			return false
 		}
 		p.srcPort, p.dstPort = udp.SourcePort(), udp.DestinationPort()

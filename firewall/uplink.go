@@ -31,8 +31,12 @@ func (w *worker) fromUplink(frame []byte) {
 		return
 	}
 	switch {
-	case p.isICMPError():
+	case p.frag == fragLater:
+		w.uplinkFragment(p)
+	case p.isICMPError(): // never a fragment (packet.parseFragment)
 		w.uplinkICMPError(p)
+	case p.isEcho(true) && p.frag != notFragment:
+		e.uplinkCounters.Dropped++ // fragments are not reassembled: a fragmented ping to us goes unanswered
 	case p.isEcho(true):
 		// Pings to the firewall itself are answered from both sides (the
 		// issue's contract; Linux's IPv4 input chain would drop them from
@@ -64,6 +68,9 @@ func (w *worker) forwardToClient(f *flow, p *packet) {
 			w.icmpError(e.uplink, p, &e.uplinkICMPLimit, e.uplinkAddr(p.family), errTooBig, uint32(c.port.mtu))
 		}
 		e.uplinkCounters.Dropped++
+		return
+	}
+	if p.frag == fragFirst && !w.startTrain(p, f, false) {
 		return
 	}
 	n := uint64(len(p.network))
