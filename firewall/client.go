@@ -215,11 +215,14 @@ func (w *worker) newFlow(c *client, p *packet, key *flowKey) *flow {
 		c.counters.Dropped++ // only echo requests start ICMP flows
 		return nil
 	}
-	if e.clients[keyAddr(key.remote, key.family)] != nil {
+	remote := e.redirectDNS(p, key)
+	if e.clients[keyAddr(key.remote, key.family)] != nil || remote != key.remote && e.clients[keyAddr(remote, key.family)] != nil {
 		c.counters.Dropped++ // client to client: never forwarded (Linux: oifgroup 2 drop)
 		return nil
 	}
-	verdict, count := c.rules(p.family).Load().check(p.ruleFlow())
+	rf := p.ruleFlow()
+	rf.Dst = keyAddr(remote, key.family) // after the DNAT, as Linux's forward hook
+	verdict, count := c.rules(p.family).Load().check(rf)
 	natAddr := e.uplinkAddr(p.family)
 	rejected := verdict.Action != rules.Accept || natAddr.Len() == 0
 	if rejected {
@@ -251,7 +254,7 @@ func (w *worker) newFlow(c *client, p *packet, key *flowKey) *flow {
 	}
 	var nat [16]byte
 	copy(nat[:], natAddr.AsSlice())
-	f := e.flows.create(c, key, nat, state, w.now)
+	f := e.flows.create(c, key, nat, remote, state, w.now)
 	if f == nil {
 		e.uplinkCounters.FlowTableFull++
 		c.counters.Dropped++
@@ -261,6 +264,23 @@ func (w *worker) newFlow(c *client, p *packet, key *flowKey) *flow {
 	count.accepted++
 	f.rule = count
 	return f
+}
+
+// dnsPort is where qubes-setup-dnat-to-ns redirects queries (UDP and TCP).
+const dnsPort = 53
+
+// redirectDNS is the destination a new flow with key (of packet p) goes to:
+// for IPv4 UDP and TCP to port 53 of a client DNS address that
+// Config.UplinkDNS redirects, the uplink DNS server; else key.remote.
+func (e *Engine) redirectDNS(p *packet, key *flowKey) [16]byte {
+	if p.family == rules.IPv4 && (p.proto == protoUDP || p.proto == protoTCP) && p.dstPort == dnsPort {
+		for i := range e.dnsRedirects {
+			if r := &e.dnsRedirects[i]; r.from == key.remote {
+				return r.to
+			}
+		}
+	}
+	return key.remote
 }
 
 // ruleFlow is the packet as the client's rules see it.
@@ -294,6 +314,10 @@ func (w *worker) forwardToUplink(c *client, f *flow, p *packet) {
 	f.rule.bytes += n
 	p.decrementTTL()
 	p.translate(true, e.uplinkAddr(p.family), f.reply.localPort, f.delta)
+	if f.dnat { // the checksums took this change in f.delta
+		p.dst = tcpip.AddrFrom4([4]byte(f.reply.remote[:4]))
+		p.ip4.SetDestinationAddress(p.dst)
+	}
 	w.sendToUplink(p)
 }
 

@@ -5,6 +5,7 @@ import (
 	"net/netip"
 	"time"
 
+	"gvisor.dev/gvisor/pkg/tcpip/checksum"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 
 	"qfw/rules"
@@ -68,7 +69,7 @@ type flow struct {
 	client      *client
 	id          uint64     // unique among the flows the table ever held (fragment trains check it)
 	rule        *ruleCount // the rule that accepted it, for byte counts
-	delta       natDelta   // checksum change of the translation towards the uplink
+	delta       natDelta   // checksum change of the translation towards the uplink (source NAT and DNS redirection)
 	expires     int64      // unix nanoseconds
 	remoteNext  uint32     // the sequence number after the remote's last segment: what the client expects next
 	state       flowState
@@ -76,7 +77,10 @@ type flow struct {
 	finClient   bool
 	finRemote   bool
 	inUse       bool
-	prev, next  int32 // the client's flow list, or the free list (next only)
+	// dnat: the destination is redirected too (DNS, Config.UplinkDNS):
+	// orig.remote as the client sends it, reply.remote towards the uplink.
+	dnat       bool
+	prev, next int32 // the client's flow list, or the free list (next only)
 }
 
 // conntrack is the fixed-size flow table. All of it is guarded by Engine.mu.
@@ -124,13 +128,15 @@ func (t *conntrack) lookup(index map[flowKey]int32, k *flowKey, now int64) *flow
 }
 
 // create adds a flow for client c with the given original key, NATed to
-// natAddr (our uplink address of the family). It returns nil when the
-// client's share and the table are full or no free NAT port was found.
-func (t *conntrack) create(c *client, orig *flowKey, natAddr [16]byte, state flowState, now int64) *flow {
+// natAddr (our uplink address of the family) and sent to remote (the
+// original destination, or where a DNS redirection sends it). It returns
+// nil when the client's share and the table are full or no free NAT port
+// was found.
+func (t *conntrack) create(c *client, orig *flowKey, natAddr, remote [16]byte, state flowState, now int64) *flow {
 	if !t.makeRoom(c, now) {
 		return nil
 	}
-	reply := flowKey{remote: orig.remote, local: natAddr, remotePort: orig.remotePort, proto: orig.proto, family: orig.family}
+	reply := flowKey{remote: remote, local: natAddr, remotePort: orig.remotePort, proto: orig.proto, family: orig.family}
 	if !t.pickNATPort(&reply) {
 		return nil
 	}
@@ -142,6 +148,10 @@ func (t *conntrack) create(c *client, orig *flowKey, natAddr [16]byte, state flo
 	t.lastID++
 	*f = flow{orig: *orig, reply: reply, client: c, id: t.lastID, state: state, inUse: true, prev: c.flowTail, next: -1,
 		delta: newNATDelta(orig.local[:addrLen], natAddr[:addrLen], orig.localPort, reply.localPort)}
+	if remote != orig.remote {
+		f.dnat = true
+		f.delta.addr = checksum.Combine(f.delta.addr, addrDelta(orig.remote[:addrLen], remote[:addrLen]))
+	}
 	f.refresh(now)
 	if c.flowTail >= 0 {
 		t.flows[c.flowTail].next = i
@@ -289,7 +299,9 @@ func (t *conntrack) recheck(c *client, family rules.Family, table *ruleTable, no
 // ruleFlow is the flow as the client's rules see it.
 func (f *flow) ruleFlow() rules.Flow {
 	k := &f.orig
-	rf := rules.Flow{Proto: k.proto, Src: keyAddr(k.local, k.family), Dst: keyAddr(k.remote, k.family)}
+	// The destination is the redirected one: Linux's forward hook sees it
+	// after the prerouting DNAT.
+	rf := rules.Flow{Proto: k.proto, Src: keyAddr(k.local, k.family), Dst: keyAddr(f.reply.remote, k.family)}
 	switch k.proto {
 	case protoTCP, protoUDP:
 		rf.SrcPort, rf.DstPort = k.localPort, k.remotePort

@@ -16,10 +16,16 @@
 //     translate in place (source NAT, TTL, incremental checksums) and queue
 //     the frame for the uplink. This is the fast path: no allocation, no
 //     rule walk.
-//  4. New flow: the client's Ruleset decides. Accept creates a conntrack
-//     entry with a random NAT port; Drop answers ICMP admin-prohibited,
-//     rate-limited per client. A TCP segment other than a SYN without a
-//     flow is answered with a RST.
+//  4. New flow: IPv4 DNS (UDP and TCP port 53) to the client DNS address
+//     Config.ClientDNS[i] is redirected to Config.UplinkDNS[i % len], as
+//     qubes-setup-dnat-to-ns does (identity, hence nothing, when the two
+//     agree, as in Qubes). Then the client's Ruleset decides, on the
+//     redirected destination as Linux's forward hook sees it after the
+//     prerouting DNAT. Accept creates a conntrack entry with a random NAT
+//     port (and the DNS redirection, whose replies and ICMP errors are
+//     translated back); Drop answers ICMP admin-prohibited, rate-limited
+//     per client. A TCP segment other than a SYN without a flow is
+//     answered with a RST.
 //  5. From the uplink (fromUplink): ARP and neighbour discovery for our
 //     address and the gateway's, pings to us, then only packets of known
 //     flows and ICMP errors that quote one are translated back and queued
@@ -59,6 +65,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"slices"
 	"sync"
 	"time"
 
@@ -89,10 +96,23 @@ type Config struct {
 	UplinkGateway6 netip.Addr // /qubes-gateway6, optional
 	ClientGateway4 netip.Addr // /qubes-netvm-gateway: what clients route through
 	ClientGateway6 netip.Addr // /qubes-netvm-gateway6, optional; else the link-local fe80::fcff:ffff:feff:ffff
-	// ClientDNS are /qubes-netvm-primary-dns and -secondary-dns. Queries to
-	// them are forwarded like any allowed flow (sys-net redirects them);
-	// RuleOptions hands them to the rule compiler for specialtarget=dns.
+	// ClientDNS (Q) are /qubes-netvm-primary-dns and -secondary-dns, the
+	// DNS servers clients are told to use; empty means
+	// rules.DefaultDNSServers (10.139.1.1, 10.139.1.2).
 	ClientDNS []netip.Addr
+	// UplinkDNS (U) are this VM's own DNS servers, /qubes-primary-dns and
+	// -secondary-dns (what setup-ip writes to a Linux sys-firewall's
+	// resolv.conf); only the IPv4 ones count. As qubes-setup-dnat-to-ns,
+	// a new IPv4 UDP or TCP flow to ClientDNS[i] port 53 is sent to
+	// U[i % len(U)] instead, and its replies come back from ClientDNS[i].
+	// In Qubes U == Q (10.139.1.1/.2): the redirection is the identity
+	// and sys-net does the real one. Empty: queries go to ClientDNS
+	// unchanged (sys-net redirects them).
+	//
+	// RuleOptions hands Q and U to the rule compiler for
+	// specialtarget=dns (the agent's dns-addr set is U, matched after the
+	// DNAT; Q covers the unredirected case).
+	UplinkDNS []netip.Addr
 
 	MaxFlows          int // conntrack capacity; 0 means DefaultMaxFlows
 	MaxFlowsPerClient int // one client's share; 0 means MaxFlows/DefaultClientShareDivisor
@@ -137,13 +157,66 @@ func ConfigFromQubesDB(db map[string]string) (Config, error) {
 			cfg.ClientDNS = append(cfg.ClientDNS, a)
 		}
 	}
+	for _, key := range []string{"/qubes-primary-dns", "/qubes-secondary-dns"} {
+		if a := addr(key, false); a.IsValid() {
+			cfg.UplinkDNS = append(cfg.UplinkDNS, a)
+		}
+	}
 	return cfg, errors.Join(errs...)
 }
 
+// clientDNS is Q: ClientDNS, or Qubes' default addresses when it is empty.
+func (cfg *Config) clientDNS() []netip.Addr {
+	if len(cfg.ClientDNS) == 0 {
+		return rules.DefaultDNSServers
+	}
+	return cfg.ClientDNS
+}
+
 // RuleOptions are the options to compile a client's rule tree of one family
-// with: specialtarget=dns matches the client DNS addresses.
+// with: specialtarget=dns matches the client DNS addresses and this VM's own
+// DNS servers, the targets of the DNS redirection (see UplinkDNS).
 func (cfg *Config) RuleOptions(family rules.Family, resolver rules.Resolver) rules.Options {
-	return rules.Options{Family: family, DNSServers: cfg.ClientDNS, Resolver: resolver}
+	servers := slices.Clone(cfg.clientDNS())
+	for _, a := range cfg.UplinkDNS {
+		if !slices.Contains(servers, a) {
+			servers = append(servers, a)
+		}
+	}
+	return rules.Options{Family: family, DNSServers: servers, Resolver: resolver}
+}
+
+// dnsRedirect is one line of qubes-setup-dnat-to-ns: IPv4 UDP and TCP to
+// from, port 53, go to to.
+type dnsRedirect struct {
+	from, to [16]byte // IPv4 in the first four bytes, as in flowKey
+}
+
+// dnsRedirects pairs each IPv4 client DNS address Q[i] with U[i % len(U)],
+// U being the IPv4 uplink DNS servers, leaving out the pairs where the two
+// are equal (nothing to translate) and everything when U is empty.
+func (cfg *Config) dnsRedirects() []dnsRedirect {
+	var u []netip.Addr
+	for _, a := range cfg.UplinkDNS {
+		if a = a.Unmap(); a.Is4() {
+			u = append(u, a)
+		}
+	}
+	if len(u) == 0 {
+		return nil
+	}
+	var out []dnsRedirect
+	for i, q := range cfg.clientDNS() {
+		if q = q.Unmap(); !q.Is4() || u[i%len(u)] == q {
+			continue
+		}
+		var r dnsRedirect
+		q4, u4 := q.As4(), u[i%len(u)].As4()
+		copy(r.from[:], q4[:])
+		copy(r.to[:], u4[:])
+		out = append(out, r)
+	}
+	return out
 }
 
 // monotonicClock reads the wall clock once and then advances with the
@@ -176,6 +249,7 @@ type Engine struct {
 	// Our addresses as gvisor's header views take them.
 	uplinkAddr4, uplinkAddr6 tcpip.Address
 	clientGW4, clientGW6     tcpip.Address
+	dnsRedirects             []dnsRedirect // Config.dnsRedirects, read-only
 
 	mu              sync.Mutex // guards everything below
 	clients         map[netip.Addr]*client
@@ -253,6 +327,7 @@ func New(cfg Config, uplink Link) (*Engine, error) {
 		uplinkAddr6:        tcpipAddr(cfg.UplinkIP6),
 		clientGW4:          tcpipAddr(cfg.ClientGateway4),
 		clientGW6:          tcpipAddr(cfg.ClientGateway6),
+		dnsRedirects:       cfg.dnsRedirects(),
 		uplinkErr:          make(chan error, 1),
 		housekeepingPeriod: time.Second,
 		clients:            make(map[netip.Addr]*client),

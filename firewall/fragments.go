@@ -3,6 +3,8 @@ package firewall
 import (
 	"math"
 	"time"
+
+	"gvisor.dev/gvisor/pkg/tcpip"
 )
 
 // IPv4 fragments are forwarded without reassembly.
@@ -16,7 +18,8 @@ import (
 // destination, protocol, IP ID) and the flow it belongs to, for
 // fragTrainTimeout (Linux's ipfrag_time). A later fragment (offset > 0)
 // is forwarded only if its train is known, with its address translated as
-// the flow's are (the IPv4 header checksum updated incrementally) and its
+// the flow's are (both addresses for a redirected DNS query, see
+// Config.UplinkDNS; the IPv4 header checksum updated incrementally) and its
 // TTL decremented; any other is dropped and counted. Fragments of a train
 // that arrive before its first fragment are dropped, as are fragments
 // addressed to the firewall itself (it reassembles nothing).
@@ -243,6 +246,9 @@ func (w *worker) clientFragment(c *client, p *packet) {
 	p.decrementTTL()
 	p.ip4.SetChecksum(updateChecksum(p.ip4.Checksum(), f.delta.addr))
 	p.ip4.SetSourceAddress(e.uplinkAddr4)
+	if f.dnat { // a redirected DNS query: f.delta.addr has this change too
+		p.ip4.SetDestinationAddress(tcpip.AddrFrom4([4]byte(f.reply.remote[:4])))
+	}
 	w.sendToUplink(p)
 }
 
@@ -263,6 +269,9 @@ func (w *worker) uplinkFragment(p *packet) {
 	p.decrementTTL()
 	p.ip4.SetChecksum(updateChecksum(p.ip4.Checksum(), f.delta.reverse().addr))
 	p.ip4.SetDestinationAddress(c.addr4)
+	if f.dnat {
+		p.ip4.SetSourceAddress(tcpip.AddrFrom4([4]byte(f.orig.remote[:4])))
+	}
 	p.setEthernet(&c.mac, &c.port.macBytes)
 	w.send(c.port, p.frame)
 }

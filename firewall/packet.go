@@ -295,10 +295,15 @@ func (p *packet) sourceNotUnicast() bool {
 type natDelta struct{ addr, port uint16 }
 
 func newNATDelta(fromAddr, toAddr []byte, fromPort, toPort uint16) natDelta {
-	return natDelta{
-		addr: checksum.Combine(checksum.Checksum(toAddr, 0), ^checksum.Checksum(fromAddr, 0)),
-		port: checksum.Combine(toPort, ^fromPort),
-	}
+	return natDelta{addr: addrDelta(fromAddr, toAddr), port: checksum.Combine(toPort, ^fromPort)}
+}
+
+// addrDelta is the checksum change of replacing the address from with to.
+// A flow whose translation changes both addresses (a redirected DNS query:
+// source NAT and destination NAT) adds the two into natDelta.addr, which
+// the IPv4 header and the pseudo-header take alike.
+func addrDelta(from, to []byte) uint16 {
+	return checksum.Combine(checksum.Checksum(to, 0), ^checksum.Checksum(from, 0))
 }
 
 // reverse is the delta of the translation back to the client.

@@ -79,6 +79,10 @@ func (w *worker) forwardToClient(f *flow, p *packet) {
 	f.rule.bytes += n
 	p.decrementTTL()
 	p.translate(false, c.addr(p.family), f.orig.localPort, f.delta.reverse())
+	if f.dnat { // the checksums took this change in f.delta
+		p.src = tcpip.AddrFrom4([4]byte(f.orig.remote[:4]))
+		p.ip4.SetSourceAddress(p.src)
+	}
 	p.setEthernet(&c.mac, &c.port.macBytes)
 	w.send(c.port, p.frame)
 }
@@ -108,6 +112,19 @@ func (w *worker) uplinkICMPError(p *packet) {
 	clientAddr := c.addr(p.family)
 	quoted.translate(true, clientAddr, f.orig.localPort, f.delta.reverse()) // the quote is of a packet towards the uplink
 	p.decrementTTL()
+	if f.dnat {
+		// A redirected DNS query: the quote goes back to the client DNS
+		// address it was sent to (its checksums took this change in
+		// f.delta), and so does the error's source when the DNS server
+		// itself sent it (the reply direction's un-DNAT); an error from
+		// a router on the way keeps its own source.
+		orig := tcpip.AddrFrom4([4]byte(f.orig.remote[:4]))
+		quoted.ip4.SetDestinationAddress(orig)
+		if p.src == tcpip.AddrFrom4([4]byte(f.reply.remote[:4])) {
+			p.ip4.SetSourceAddressWithChecksumUpdate(orig)
+			p.src = orig
+		}
+	}
 	if p.family == rules.IPv4 {
 		p.ip4.SetDestinationAddressWithChecksumUpdate(clientAddr)
 		icmp := header.ICMPv4(p.l4)

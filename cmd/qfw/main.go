@@ -10,6 +10,9 @@
 // re-reads FILE and reloads every committed address, as a rule edit in the
 // Qubes GUI does. dsthost names are resolved through the engine and the
 // uplink, with this VM's DNS servers (/qubes-primary-dns, -secondary-dns).
+// Client DNS queries to /qubes-netvm-primary-dns and -secondary-dns (port
+// 53, UDP and TCP) are redirected to those servers when they differ, as
+// qubes-setup-dnat-to-ns does in a Linux sys-firewall.
 //
 // Flags may come before or after positional arguments. Logs go to stderr
 // (log/slog text): start-up summary, each rule load with its result, a

@@ -55,7 +55,7 @@ func (z dnsZone) answer(query []byte) []byte {
 }
 
 // serveDNS answers over UDP and TCP on the given sockets until they are closed.
-func (z dnsZone) serveDNS(udp []net.PacketConn, tcp net.Listener) {
+func (z dnsZone) serveDNS(udp []net.PacketConn, tcp []net.Listener) {
 	for _, c := range udp {
 		go func() {
 			buf := make([]byte, 1500)
@@ -70,15 +70,17 @@ func (z dnsZone) serveDNS(udp []net.PacketConn, tcp net.Listener) {
 			}
 		}()
 	}
-	go func() {
-		for {
-			c, err := tcp.Accept()
-			if err != nil {
-				return
+	for _, l := range tcp {
+		go func() {
+			for {
+				c, err := l.Accept()
+				if err != nil {
+					return
+				}
+				go z.serveDNSConn(c)
 			}
-			go z.serveDNSConn(c)
-		}
-	}()
+		}()
+	}
 }
 
 // serveDNSConn answers length-prefixed queries on one TCP connection.

@@ -345,6 +345,77 @@ func TestDNSToQubesResolvers(t *testing.T) {
 	assertRejected(t, err, "UDP to the DNS server's port 7")
 }
 
+// TestDNSRedirectedToTheFirewallsOwnResolver: when the firewall's own DNS
+// server (/qubes-primary-dns) is not 10.139.1.1, client queries to
+// 10.139.1.1 and .2 go to it, as qubes-setup-dnat-to-ns redirects them in a
+// Linux sys-firewall, and the answers come back from the address asked.
+func TestDNSRedirectedToTheFirewallsOwnResolver(t *testing.T) {
+	ownResolver := netip.MustParseAddr("192.0.2.53")
+	ownZone := dnsZone{"a.qfw.test": netip.MustParseAddr("198.51.100.10"), "b.qfw.test": netip.MustParseAddr("198.51.100.20")}
+	tp := newTopology(t, client5)
+	// Upstream, nothing answers at 10.139.1.1 and .2 any more: the only
+	// resolver listens on ownResolver, with answers of its own.
+	lo, err := tp.up.Netlink.LinkByName("lo")
+	require.NoError(t, err)
+	require.NoError(t, tp.up.Netlink.AddrAdd(lo, &netlink.Addr{IPNet: hostNet(ownResolver), Flags: unix.IFA_F_NODAD}))
+	for _, a := range []netip.Addr{dns1, dns2} {
+		require.NoError(t, tp.up.Netlink.AddrDel(lo, &netlink.Addr{IPNet: hostNet(a)}))
+	}
+	var udp net.PacketConn
+	var tcp []net.Listener
+	require.NoError(t, tp.up.Do(func() (err error) {
+		if udp, err = net.ListenPacket("udp4", netip.AddrPortFrom(ownResolver, dnsPort).String()); err != nil {
+			return err
+		}
+		tcp, err = listenDNS(ownResolver)
+		return err
+	}))
+	ownZone.serveDNS([]net.PacketConn{udp}, tcp)
+	t.Cleanup(func() {
+		udp.Close()
+		tcp[0].Close()
+	})
+	tp.ownDNS = []netip.Addr{ownResolver}
+	e := startEngine(t, tp)
+	require.Equal(t, []netip.Addr{ownResolver}, e.cfg.UplinkDNS)
+	c5 := tp.client("c5")
+	e.setRules(t, c5, "action=accept specialtarget=dns")
+	ctx := testContext(t)
+
+	reply, err := c5.udpExchange(ctx, netip.AddrPortFrom(dns1, dnsPort), dnsQuery(t, 0x1234, "a.qfw.test"))
+	require.NoError(t, err)
+	addr, err := dnsAnswerA(reply, 0x1234)
+	require.NoError(t, err)
+	assert.Equal(t, ownZone["a.qfw.test"], addr, "answered by the firewall's own resolver")
+
+	// Over TCP to the secondary address: U[1 % len(U)] is ownResolver too.
+	conn, err := c5.dial(ctx, "tcp4", netip.AddrPortFrom(dns2, dnsPort))
+	require.NoError(t, err)
+	defer conn.Close()
+	assert.Equal(t, netip.AddrPortFrom(dns2, dnsPort), conn.RemoteAddr().(*net.TCPAddr).AddrPort(), "the client talks to the address it asked")
+	deadline, _ := ctx.Deadline()
+	conn.SetDeadline(deadline)
+	q := dnsQuery(t, 0x4321, "b.qfw.test")
+	_, err = conn.Write(append([]byte{byte(len(q) >> 8), byte(len(q))}, q...))
+	require.NoError(t, err)
+	size := make([]byte, 2)
+	_, err = io.ReadFull(conn, size)
+	require.NoError(t, err)
+	reply = make([]byte, int(size[0])<<8|int(size[1]))
+	_, err = io.ReadFull(conn, reply)
+	require.NoError(t, err)
+	addr, err = dnsAnswerA(reply, 0x4321)
+	require.NoError(t, err)
+	assert.Equal(t, ownZone["b.qfw.test"], addr)
+
+	// The resolver's own address is specialtarget=dns too.
+	reply, err = c5.udpExchange(ctx, netip.AddrPortFrom(ownResolver, dnsPort), dnsQuery(t, 0x5678, "a.qfw.test"))
+	require.NoError(t, err)
+	addr, err = dnsAnswerA(reply, 0x5678)
+	require.NoError(t, err)
+	assert.Equal(t, ownZone["a.qfw.test"], addr)
+}
+
 // recorder is a UDP socket that keeps what it receives.
 type recorder struct {
 	got chan string

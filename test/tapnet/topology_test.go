@@ -80,6 +80,9 @@ type topology struct {
 	fw, up  *nstest.NS
 	clients []*clientNS
 	ipv6    bool // some client has IPv6: the uplink has it too
+	// ownDNS, when set, is the firewall's own DNS servers
+	// (/qubes-primary-dns, -secondary-dns) instead of dns1 and dns2.
+	ownDNS []netip.Addr
 }
 
 // newTopology makes the namespaces and starts the upstream servers. The
@@ -121,7 +124,8 @@ func (tp *topology) client(tap string) *clientNS {
 // address the client asked.
 func (tp *topology) startServers(t *testing.T) {
 	t.Helper()
-	var httpL, echoL, dnsL net.Listener
+	var httpL, echoL net.Listener
+	var dnsL []net.Listener
 	var echoU, dnsU []net.PacketConn
 	listenUDP := func(to *[]net.PacketConn, port int, addrs ...netip.Addr) error {
 		for _, a := range addrs {
@@ -140,7 +144,10 @@ func (tp *topology) startServers(t *testing.T) {
 		if echoL, err = net.Listen("tcp", fmt.Sprintf(":%d", echoPort)); err != nil {
 			return err
 		}
-		if dnsL, err = net.Listen("tcp4", fmt.Sprintf(":%d", dnsPort)); err != nil {
+		// DNS on the Qubes resolver addresses only, so that a test can
+		// run another resolver on another address (see
+		// TestDNSRedirectedToTheFirewallsOwnResolver).
+		if dnsL, err = listenDNS(dns1, dns2); err != nil {
 			return err
 		}
 		if err = listenUDP(&echoU, echoPort, serverA, serverB, dns1, serverA6, serverB6); err != nil {
@@ -171,13 +178,29 @@ func (tp *topology) startServers(t *testing.T) {
 	zone.serveDNS(dnsU, dnsL)
 	t.Cleanup(func() {
 		srv.Close()
-		for _, c := range []io.Closer{echoL, dnsL} {
+		for _, c := range append([]net.Listener{echoL}, dnsL...) {
 			c.Close()
 		}
 		for _, c := range append(echoU, dnsU...) {
 			c.Close()
 		}
 	})
+}
+
+// listenDNS opens a TCP DNS listener on each address.
+func listenDNS(addrs ...netip.Addr) ([]net.Listener, error) {
+	var out []net.Listener
+	for _, a := range addrs {
+		l, err := net.Listen("tcp4", netip.AddrPortFrom(a, dnsPort).String())
+		if err != nil {
+			for _, o := range out {
+				o.Close()
+			}
+			return nil, err
+		}
+		out = append(out, l)
+	}
+	return out, nil
 }
 
 // bulkSize is what /bulk sends: enough for many full-size segments, windows
@@ -332,6 +355,13 @@ func (tp *topology) qubesDB() map[string]string {
 		"/qubes-netvm-secondary-dns": dns2.String(),
 		"/connected-ips":             strings.Join(connected, " "),
 		"/connected-ips6":            strings.Join(connected6, " "),
+	}
+	if tp.ownDNS != nil {
+		delete(db, "/qubes-primary-dns")
+		delete(db, "/qubes-secondary-dns")
+		for i, a := range tp.ownDNS {
+			db[[]string{"/qubes-primary-dns", "/qubes-secondary-dns"}[i]] = a.String()
+		}
 	}
 	if tp.ipv6 {
 		db["/qubes-ip6"] = fwIP6.String()
