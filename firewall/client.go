@@ -151,7 +151,7 @@ func (w *worker) fromClient(c *client, frame []byte) {
 	} else {
 		f.track(p, true, w.now)
 	}
-	w.forwardToUplink(c, f, p)
+	w.forwardToUplink(f, p)
 }
 
 // clientARP answers a client's ARP request for any address but its own with
@@ -303,15 +303,12 @@ func addrFromTCPIP(a tcpip.Address) netip.Addr {
 // forwardToUplink translates a client's packet of flow f and queues it for
 // the uplink (pipeline step 3, the fast path). A first fragment starts its
 // train.
-func (w *worker) forwardToUplink(c *client, f *flow, p *packet) {
+func (w *worker) forwardToUplink(f *flow, p *packet) {
 	e := w.engine
 	if p.frag == fragFirst && !w.startTrain(p, f, true) {
 		return
 	}
-	n := uint64(len(p.network))
-	c.counters.TxPackets++
-	c.counters.TxBytes += n
-	f.rule.bytes += n
+	f.countForwarded(p, true)
 	p.decrementTTL()
 	p.translate(true, e.uplinkAddr(p.family), f.reply.localPort, f.delta)
 	if f.dnat { // the checksums took this change in f.delta
@@ -319,6 +316,20 @@ func (w *worker) forwardToUplink(c *client, f *flow, p *packet) {
 		p.ip4.SetDestinationAddress(p.dst)
 	}
 	w.sendToUplink(p)
+}
+
+// countForwarded counts the forwarded packet p of flow f for its client
+// (towards the uplink: Tx, else Rx) and for the rule that accepted f.
+func (f *flow) countForwarded(p *packet, toUplink bool) {
+	n := uint64(len(p.network))
+	if toUplink {
+		f.client.counters.TxPackets++
+		f.client.counters.TxBytes += n
+	} else {
+		f.client.counters.RxPackets++
+		f.client.counters.RxBytes += n
+	}
+	f.rule.bytes += n
 }
 
 // sendToUplink addresses the translated packet p to the uplink gateway and

@@ -239,10 +239,7 @@ func (w *worker) clientFragment(c *client, p *packet) {
 		c.counters.Dropped++
 		return
 	}
-	n := uint64(len(p.network))
-	c.counters.TxPackets++
-	c.counters.TxBytes += n
-	f.rule.bytes += n
+	f.countForwarded(p, true)
 	p.decrementTTL()
 	p.ip4.SetChecksum(updateChecksum(p.ip4.Checksum(), f.delta.addr))
 	p.ip4.SetSourceAddress(e.uplinkAddr4)
@@ -261,11 +258,8 @@ func (w *worker) uplinkFragment(p *packet) {
 		e.uplinkCounters.Dropped++
 		return
 	}
+	f.countForwarded(p, false)
 	c := f.client
-	n := uint64(len(p.network))
-	c.counters.RxPackets++
-	c.counters.RxBytes += n
-	f.rule.bytes += n
 	p.decrementTTL()
 	p.ip4.SetChecksum(updateChecksum(p.ip4.Checksum(), f.delta.reverse().addr))
 	p.ip4.SetDestinationAddress(c.addr4)

@@ -73,10 +73,7 @@ func (w *worker) forwardToClient(f *flow, p *packet) {
 	if p.frag == fragFirst && !w.startTrain(p, f, false) {
 		return
 	}
-	n := uint64(len(p.network))
-	c.counters.RxPackets++
-	c.counters.RxBytes += n
-	f.rule.bytes += n
+	f.countForwarded(p, false)
 	p.decrementTTL()
 	p.translate(false, c.addr(p.family), f.orig.localPort, f.delta.reverse())
 	if f.dnat { // the checksums took this change in f.delta
