@@ -10,16 +10,20 @@
 //     gvisor's header views into a reused packet descriptor (packet.parse).
 //  2. From a client (fromClient): answer ARP and neighbour solicitations for
 //     the gateway, drop what is not unicast IP addressed to us, drop spoofed
-//     sources, answer pings to the gateway, drop client-to-client traffic,
-//     send ICMP "time exceeded" and "fragmentation needed" as a router must.
+//     sources, answer pings to the firewall itself and reject (or ignore)
+//     anything else sent to it, send ICMP "time exceeded" and
+//     "fragmentation needed" as a router must.
 //  3. Established flow (conntrack hit): update the flow's state and
-//     translate in place (source NAT, TTL, incremental checksums) and queue
-//     the frame for the uplink. This is the fast path: no allocation, no
-//     rule walk.
-//  4. New flow: IPv4 DNS (UDP and TCP port 53) to the client DNS address
-//     Config.ClientDNS[i] is redirected to Config.UplinkDNS[i % len], as
-//     qubes-setup-dnat-to-ns does (identity, hence nothing, when the two
-//     agree, as in Qubes). Then the client's Ruleset decides, on the
+//     translate in place (source NAT, the DNS redirection's destination,
+//     TTL, incremental checksums) and queue the frame for the uplink. This
+//     is the fast path: no allocation, no rule walk.
+//  4. New flow (newFlow): drop unroutable destinations and ICMP other than
+//     echo requests. IPv4 DNS (UDP and TCP port 53) to the i-th client DNS
+//     address (Config.ClientDNS, by default 10.139.1.1 and .2) is
+//     redirected to the i-th IPv4 address of Config.UplinkDNS (modulo their
+//     number), as qubes-setup-dnat-to-ns does (the identity, hence nothing,
+//     when the two agree, as in Qubes). Client-to-client traffic (after the
+//     redirection) is dropped. Then the client's Ruleset decides, on the
 //     redirected destination as Linux's forward hook sees it after the
 //     prerouting DNAT. Accept creates a conntrack entry with a random NAT
 //     port (and the DNS redirection, whose replies and ICMP errors are
@@ -28,8 +32,9 @@
 //     answered with a RST.
 //  5. From the uplink (fromUplink): ARP and neighbour discovery for our
 //     address and the gateway's, pings to us, then only packets of known
-//     flows and ICMP errors that quote one are translated back and queued
-//     for the client's link; everything else is dropped.
+//     flows (TTL and MTU checked as in step 2) and ICMP errors that quote
+//     one are translated back and queued for the client's link; everything
+//     else is dropped.
 //  6. At the end of the batch, every queued frame is written with one Write
 //     per destination link (flush).
 //
@@ -37,17 +42,19 @@
 // fragment takes steps 2 to 5 like any packet and, once forwarded, starts a
 // fragment train (a bounded table with a per-client share, 30 s); a later
 // fragment is forwarded in either direction only if its train is known,
-// with the address translated as its flow's, else dropped. Fragments that
-// cannot be forwarded safely this way (RFC 1858 tiny and overlapping TCP
-// fragments, fragmented ICMP errors, ...) and IPv6 extension headers
-// (fragment header included) are dropped by packet.parse.
+// with its addresses translated as its flow's (the DNS redirection's too),
+// else dropped, as are later fragments addressed to the firewall itself.
+// Fragments that cannot be forwarded safely this way (RFC 1858 tiny and
+// overlapping TCP fragments, fragmented ICMP errors, ...) and IPv6
+// extension headers (fragment header included) are dropped by
+// packet.parse.
 //
 // Frames the engine makes itself (replies, ICMP errors, resets) are built
 // in per-goroutine scratch buffers, so steady-state forwarding does not
 // allocate. One mutex (Engine.mu) guards the conntrack and fragment train
-// tables, the clients and the counters; a link's goroutine holds
-// it while it processes a batch (about a hundred nanoseconds per packet),
-// never while it writes.
+// tables, the clients and the counters; a link's goroutine holds it while
+// it processes a batch (about a hundred nanoseconds per packet), never
+// while it writes.
 //
 // Files follow the pipeline: engine.go (Run, routineReadLink), worker.go
 // (processBatch, flush), packet.go (parse, translate), client.go
@@ -521,8 +528,7 @@ loop:
 }
 
 // housekeeping runs once per housekeepingPeriod: expire flows and
-// fragment trains, retry
-// resolving the uplink gateways.
+// fragment trains, retry resolving the uplink gateways.
 func (e *Engine) housekeeping() {
 	e.mu.Lock()
 	now := e.now().UnixNano()
