@@ -1,6 +1,7 @@
 package tapnet_test
 
 import (
+	"context"
 	"encoding/binary"
 	"errors"
 	"io"
@@ -120,6 +121,37 @@ func dnsQuery(t *testing.T, id uint16, name string) []byte {
 	query, err := b.Finish()
 	require.NoError(t, err)
 	return query
+}
+
+// lookupUDP asks the DNS server at port 53 of server, from client c over
+// UDP, for the A record of name (query id) and returns it.
+func (c *clientNS) lookupUDP(ctx context.Context, t *testing.T, server netip.Addr, id uint16, name string) netip.Addr {
+	t.Helper()
+	reply, err := c.udpExchange(ctx, netip.AddrPortFrom(server, dnsPort), dnsQuery(t, id, name))
+	require.NoError(t, err)
+	addr, err := dnsAnswerA(reply, id)
+	require.NoError(t, err)
+	return addr
+}
+
+// lookupTCP asks the DNS server at the other end of conn for the A record
+// of name (query id), as DNS over TCP frames it, and returns it.
+func lookupTCP(ctx context.Context, t *testing.T, conn net.Conn, id uint16, name string) netip.Addr {
+	t.Helper()
+	deadline, _ := ctx.Deadline()
+	conn.SetDeadline(deadline)
+	q := dnsQuery(t, id, name)
+	_, err := conn.Write(append([]byte{byte(len(q) >> 8), byte(len(q))}, q...))
+	require.NoError(t, err)
+	size := make([]byte, 2)
+	_, err = io.ReadFull(conn, size)
+	require.NoError(t, err)
+	reply := make([]byte, int(size[0])<<8|int(size[1]))
+	_, err = io.ReadFull(conn, reply)
+	require.NoError(t, err)
+	addr, err := dnsAnswerA(reply, id)
+	require.NoError(t, err)
+	return addr
 }
 
 // dnsAnswerA reads the A record of a reply to query id.

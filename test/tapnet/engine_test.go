@@ -311,30 +311,13 @@ func TestDNSToQubesResolvers(t *testing.T) {
 	e.setRules(t, c5, "action=accept specialtarget=dns")
 	ctx := testContext(t)
 
-	reply, err := c5.udpExchange(ctx, netip.AddrPortFrom(dns1, dnsPort), dnsQuery(t, 0x1234, "a.qfw.test"))
-	require.NoError(t, err)
-	addr, err := dnsAnswerA(reply, 0x1234)
-	require.NoError(t, err)
-	assert.Equal(t, serverA, addr)
+	assert.Equal(t, serverA, c5.lookupUDP(ctx, t, dns1, 0x1234, "a.qfw.test"))
 
 	// Over TCP to the secondary server.
 	conn, err := c5.dial(ctx, "tcp4", netip.AddrPortFrom(dns2, dnsPort))
 	require.NoError(t, err)
 	defer conn.Close()
-	deadline, _ := ctx.Deadline()
-	conn.SetDeadline(deadline)
-	q := dnsQuery(t, 0x4321, "b.qfw.test")
-	_, err = conn.Write(append([]byte{byte(len(q) >> 8), byte(len(q))}, q...))
-	require.NoError(t, err)
-	size := make([]byte, 2)
-	_, err = io.ReadFull(conn, size)
-	require.NoError(t, err)
-	reply = make([]byte, int(size[0])<<8|int(size[1]))
-	_, err = io.ReadFull(conn, reply)
-	require.NoError(t, err)
-	addr, err = dnsAnswerA(reply, 0x4321)
-	require.NoError(t, err)
-	assert.Equal(t, serverB, addr)
+	assert.Equal(t, serverB, lookupTCP(ctx, t, conn, 0x4321, "b.qfw.test"))
 
 	// specialtarget=dns is port 53 of the DNS servers only.
 	exCtx, cancel := context.WithTimeout(ctx, 20*time.Second)
@@ -382,38 +365,17 @@ func TestDNSRedirectedToTheFirewallsOwnResolver(t *testing.T) {
 	e.setRules(t, c5, "action=accept specialtarget=dns")
 	ctx := testContext(t)
 
-	reply, err := c5.udpExchange(ctx, netip.AddrPortFrom(dns1, dnsPort), dnsQuery(t, 0x1234, "a.qfw.test"))
-	require.NoError(t, err)
-	addr, err := dnsAnswerA(reply, 0x1234)
-	require.NoError(t, err)
-	assert.Equal(t, ownZone["a.qfw.test"], addr, "answered by the firewall's own resolver")
+	assert.Equal(t, ownZone["a.qfw.test"], c5.lookupUDP(ctx, t, dns1, 0x1234, "a.qfw.test"), "answered by the firewall's own resolver")
 
 	// Over TCP to the secondary address: U[1 % len(U)] is ownResolver too.
 	conn, err := c5.dial(ctx, "tcp4", netip.AddrPortFrom(dns2, dnsPort))
 	require.NoError(t, err)
 	defer conn.Close()
 	assert.Equal(t, netip.AddrPortFrom(dns2, dnsPort), conn.RemoteAddr().(*net.TCPAddr).AddrPort(), "the client talks to the address it asked")
-	deadline, _ := ctx.Deadline()
-	conn.SetDeadline(deadline)
-	q := dnsQuery(t, 0x4321, "b.qfw.test")
-	_, err = conn.Write(append([]byte{byte(len(q) >> 8), byte(len(q))}, q...))
-	require.NoError(t, err)
-	size := make([]byte, 2)
-	_, err = io.ReadFull(conn, size)
-	require.NoError(t, err)
-	reply = make([]byte, int(size[0])<<8|int(size[1]))
-	_, err = io.ReadFull(conn, reply)
-	require.NoError(t, err)
-	addr, err = dnsAnswerA(reply, 0x4321)
-	require.NoError(t, err)
-	assert.Equal(t, ownZone["b.qfw.test"], addr)
+	assert.Equal(t, ownZone["b.qfw.test"], lookupTCP(ctx, t, conn, 0x4321, "b.qfw.test"))
 
 	// The resolver's own address is specialtarget=dns too.
-	reply, err = c5.udpExchange(ctx, netip.AddrPortFrom(ownResolver, dnsPort), dnsQuery(t, 0x5678, "a.qfw.test"))
-	require.NoError(t, err)
-	addr, err = dnsAnswerA(reply, 0x5678)
-	require.NoError(t, err)
-	assert.Equal(t, ownZone["a.qfw.test"], addr)
+	assert.Equal(t, ownZone["a.qfw.test"], c5.lookupUDP(ctx, t, ownResolver, 0x5678, "a.qfw.test"))
 }
 
 // recorder is a UDP socket that keeps what it receives.
