@@ -127,15 +127,7 @@ func (w *worker) fromClient(c *client, frame []byte) {
 		return
 	}
 	// A router checks the TTL and the MTU before its forward filter.
-	if p.ttl() <= 1 {
-		w.icmpError(w.in, p, &c.replyLimit, e.clientGateway(p.family), errTimeExceeded, 0)
-		return
-	}
-	if len(p.network) > e.uplink.mtu {
-		if p.dontFragment() {
-			w.icmpError(w.in, p, &c.replyLimit, e.clientGateway(p.family), errTooBig, uint32(e.uplink.mtu))
-		}
-		c.counters.Dropped++
+	if !w.routerChecks(p, e.uplink.mtu, &c.replyLimit, e.clientGateway(p.family), &c.counters.Dropped) {
 		return
 	}
 	key := p.flowKey(true)
@@ -152,6 +144,26 @@ func (w *worker) fromClient(c *client, frame []byte) {
 		f.track(p, true, w.now)
 	}
 	w.forwardToUplink(f, p)
+}
+
+// routerChecks reports whether p may be forwarded out of a link of the
+// given MTU, as a router decides it: with TTL 1 it is answered with "time
+// exceeded"; too big for the link, it is answered with "fragmentation
+// needed" if it has DF set and counted in dropped. The errors go back out
+// of w.in, from src, within limit.
+func (w *worker) routerChecks(p *packet, mtu int, limit *tokenBucket, src tcpip.Address, dropped *uint64) bool {
+	if p.ttl() <= 1 {
+		w.icmpError(w.in, p, limit, src, errTimeExceeded, 0)
+		return false
+	}
+	if len(p.network) > mtu {
+		if p.dontFragment() {
+			w.icmpError(w.in, p, limit, src, errTooBig, uint32(mtu))
+		}
+		*dropped++
+		return false
+	}
+	return true
 }
 
 // clientARP answers a client's ARP request for any address but its own with

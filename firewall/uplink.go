@@ -59,15 +59,7 @@ func (w *worker) fromUplink(frame []byte) {
 func (w *worker) forwardToClient(f *flow, p *packet) {
 	e := w.engine
 	c := f.client
-	if p.ttl() <= 1 {
-		w.icmpError(e.uplink, p, &e.uplinkICMPLimit, e.uplinkAddr(p.family), errTimeExceeded, 0)
-		return
-	}
-	if len(p.network) > c.port.mtu {
-		if p.dontFragment() {
-			w.icmpError(e.uplink, p, &e.uplinkICMPLimit, e.uplinkAddr(p.family), errTooBig, uint32(c.port.mtu))
-		}
-		e.uplinkCounters.Dropped++
+	if !w.routerChecks(p, c.port.mtu, &e.uplinkICMPLimit, e.uplinkAddr(p.family), &e.uplinkCounters.Dropped) {
 		return
 	}
 	if p.frag == fragFirst && !w.startTrain(p, f, false) {
