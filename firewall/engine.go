@@ -172,8 +172,10 @@ func ConfigFromQubesDB(db map[string]string) (Config, error) {
 	return cfg, errors.Join(errs...)
 }
 
-// clientDNS is Q: ClientDNS, or Qubes' default addresses when it is empty.
-func (cfg *Config) clientDNS() []netip.Addr {
+// ClientDNSServers is Q: ClientDNS, or Qubes' default addresses when it is
+// empty. The engine redirects queries to these addresses, and
+// specialtarget=dns matches them.
+func (cfg *Config) ClientDNSServers() []netip.Addr {
 	if len(cfg.ClientDNS) == 0 {
 		return rules.DefaultDNSServers
 	}
@@ -184,7 +186,7 @@ func (cfg *Config) clientDNS() []netip.Addr {
 // with: specialtarget=dns matches the client DNS addresses and this VM's own
 // DNS servers, the targets of the DNS redirection (see UplinkDNS).
 func (cfg *Config) RuleOptions(family rules.Family, resolver rules.Resolver) rules.Options {
-	servers := slices.Clone(cfg.clientDNS())
+	servers := slices.Clone(cfg.ClientDNSServers())
 	for _, a := range cfg.UplinkDNS {
 		if !slices.Contains(servers, a) {
 			servers = append(servers, a)
@@ -213,7 +215,7 @@ func (cfg *Config) dnsRedirects() []dnsRedirect {
 		return nil
 	}
 	var out []dnsRedirect
-	for i, q := range cfg.clientDNS() {
+	for i, q := range cfg.ClientDNSServers() {
 		if q = q.Unmap(); !q.Is4() || u[i%len(u)] == q {
 			continue
 		}

@@ -10,7 +10,6 @@ import (
 
 	"qfw/firewall"
 	"qfw/firewall/tap"
-	"qfw/rules"
 )
 
 // defaultQubesMAC is what dom0 gives every VM when /qubes-mac is absent.
@@ -44,15 +43,11 @@ func runTap(ctx context.Context, opts *options, hup <-chan os.Signal, log *slog.
 	if err != nil {
 		return err
 	}
-	clientDNS := cfg.ClientDNS
-	if len(clientDNS) == 0 {
-		clientDNS = rules.DefaultDNSServers // what the engine then redirects and specialtarget=dns matches
-	}
 	// own_dns (/qubes-primary-dns, -secondary-dns) is also cfg.UplinkDNS:
 	// where the engine redirects client DNS to when it differs from
 	// client_dns (qubes-setup-dnat-to-ns).
 	log.Info("qfw starting", "platform", "tap", "uplink", opts.uplink, "ip", cfg.UplinkIP4,
-		"gateway", cfg.UplinkGateway4, "client_gateway", cfg.ClientGateway4, "client_dns", clientDNS,
+		"gateway", cfg.UplinkGateway4, "client_gateway", cfg.ClientGateway4, "client_dns", cfg.ClientDNSServers(),
 		"own_dns", resolver.servers, "clients", opts.clients.String())
 	done := make(chan error, 1)
 	go func() { done <- engine.Run(ctx) }()
