@@ -232,9 +232,7 @@ func (w *worker) newFlow(c *client, p *packet, key *flowKey) *flow {
 		c.counters.Dropped++ // client to client: never forwarded (Linux: oifgroup 2 drop)
 		return nil
 	}
-	rf := p.ruleFlow()
-	rf.Dst = keyAddr(remote, key.family) // after the DNAT, as Linux's forward hook
-	verdict, count := c.rules(p.family).Load().check(rf)
+	verdict, count := c.rules(p.family).Load().check(p.ruleFlow(keyAddr(remote, key.family)))
 	natAddr := e.uplinkAddr(p.family)
 	rejected := verdict.Action != rules.Accept || natAddr.Len() == 0
 	if rejected {
@@ -295,12 +293,14 @@ func (e *Engine) redirectDNS(p *packet, key *flowKey) [16]byte {
 	return key.remote
 }
 
-// ruleFlow is the packet as the client's rules see it.
-func (p *packet) ruleFlow() rules.Flow {
+// ruleFlow is the packet as the client's rules see it, going to dst: its
+// destination after the DNS redirection, as Linux's forward hook sees it
+// after the prerouting DNAT.
+func (p *packet) ruleFlow(dst netip.Addr) rules.Flow {
 	return rules.Flow{
 		Proto:    p.proto,
 		Src:      addrFromTCPIP(p.src),
-		Dst:      addrFromTCPIP(p.dst),
+		Dst:      dst,
 		SrcPort:  p.srcPort,
 		DstPort:  p.dstPort,
 		ICMPType: p.icmpType,
