@@ -56,14 +56,21 @@ func testConfig() Config {
 	}
 }
 
-func newBed(t testing.TB, cfg Config) *bed {
+// newBedUnresolved makes a test bed whose clock starts at 0 and whose
+// uplink gateway has not announced itself yet (its MAC is unknown).
+func newBedUnresolved(t testing.TB, cfg Config) *bed {
 	b := &bed{t: t, clients: map[netip.Addr]*bedClient{}}
-	b.now.Store(time.Date(2026, 11, 27, 12, 0, 0, 0, time.UTC).UnixNano())
 	cfg.Clock = func() time.Time { return time.Unix(0, b.now.Load()) }
 	engineEnd, sysnet := Pipe(uplinkMAC, sysnetMAC, DefaultMTU)
 	e, err := New(cfg, engineEnd)
 	require.NoError(t, err)
 	b.e, b.sysnet, b.uplink = e, sysnet, newWorker(e, e.uplink)
+	return b
+}
+
+func newBed(t testing.TB, cfg Config) *bed {
+	b := newBedUnresolved(t, cfg)
+	b.now.Store(time.Date(2026, 11, 27, 12, 0, 0, 0, time.UTC).UnixNano())
 	// sys-net announces itself, so the gateway's MAC is known.
 	b.fromUplink(arpFrame(header.ARPReply, uplinkMAC, sysnetMAC, sysnetIP, uplinkIP))
 	if cfg.UplinkIP6.IsValid() {

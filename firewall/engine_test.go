@@ -671,15 +671,10 @@ func TestSetRulesCutsRejectedFlowsWithReset(t *testing.T) {
 func TestFramesWaitForTheGatewayMAC(t *testing.T) {
 	cfg := testConfig()
 	cfg.UplinkIP6, cfg.UplinkGateway6, cfg.ClientGateway6 = netip.Addr{}, netip.Addr{}, netip.Addr{}
-	b := &bed{t: t, clients: map[netip.Addr]*bedClient{}}
-	cfg.Clock = func() time.Time { return time.Unix(0, b.now.Load()) }
-	engineEnd, sysnet := Pipe(uplinkMAC, sysnetMAC, DefaultMTU)
-	e, err := New(cfg, engineEnd)
-	require.NoError(t, err)
-	b.e, b.sysnet, b.uplink = e, sysnet, newWorker(e, e.uplink)
+	b := newBedUnresolved(t, cfg)
 	b.addClient("a", clientAIP, clientA6, "action=accept")
 
-	e.resolveGateways()
+	b.e.resolveGateways()
 	req := b.toUplink()
 	require.Len(t, req, 1)
 	arp := header.ARP(req[0][header.EthernetMinimumSize:])
@@ -717,12 +712,8 @@ func TestFramesWaitForTheGatewayMAC(t *testing.T) {
 
 func TestUplinkNeighborDiscovery(t *testing.T) {
 	cfg := testConfig()
-	b := &bed{t: t, clients: map[netip.Addr]*bedClient{}}
-	cfg.Clock = func() time.Time { return time.Unix(0, b.now.Load()) }
-	engineEnd, sysnet := Pipe(uplinkMAC, sysnetMAC, DefaultMTU)
-	e, err := New(cfg, engineEnd)
-	require.NoError(t, err)
-	b.e, b.sysnet, b.uplink = e, sysnet, newWorker(e, e.uplink)
+	b := newBedUnresolved(t, cfg)
+	e := b.e
 	e.resolveGateways()
 	frames := b.toUplink()
 	require.Len(t, frames, 2)
