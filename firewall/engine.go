@@ -248,12 +248,11 @@ type ClientConfig struct {
 // Engine is the packet engine. Create it with New, attach clients with
 // AddClient, give them rules with SetRules and start it with Run.
 type Engine struct {
-	cfg                Config
-	log                *slog.Logger
-	now                func() time.Time
-	uplink             *port
-	uplinkErr          chan error // a failure of the uplink ends Run
-	housekeepingPeriod time.Duration
+	cfg       Config
+	log       *slog.Logger
+	now       func() time.Time
+	uplink    *port
+	uplinkErr chan error // a failure of the uplink ends Run
 
 	// Our addresses as gvisor's header views take them.
 	uplinkAddr4, uplinkAddr6 tcpip.Address
@@ -328,20 +327,19 @@ func New(cfg Config, uplink Link) (*Engine, error) {
 		return nil, fmt.Errorf("firewall: seeding the NAT port generator: %w", err)
 	}
 	e := &Engine{
-		cfg:                cfg,
-		log:                cfg.Logger,
-		now:                cfg.Clock,
-		uplink:             newPort(uplink, nil),
-		uplinkAddr4:        tcpipAddr(cfg.UplinkIP4),
-		uplinkAddr6:        tcpipAddr(cfg.UplinkIP6),
-		clientGW4:          tcpipAddr(cfg.ClientGateway4),
-		clientGW6:          tcpipAddr(cfg.ClientGateway6),
-		dnsRedirects:       cfg.dnsRedirects(),
-		uplinkErr:          make(chan error, 1),
-		housekeepingPeriod: time.Second,
-		clients:            make(map[netip.Addr]*client),
-		flows:              newConntrack(cfg.MaxFlows, cfg.MaxFlowsPerClient, seed),
-		frags:              newFragTable(cfg.MaxFragTrains, max(1, cfg.MaxFragTrains*cfg.MaxFlowsPerClient/cfg.MaxFlows)),
+		cfg:          cfg,
+		log:          cfg.Logger,
+		now:          cfg.Clock,
+		uplink:       newPort(uplink, nil),
+		uplinkAddr4:  tcpipAddr(cfg.UplinkIP4),
+		uplinkAddr6:  tcpipAddr(cfg.UplinkIP6),
+		clientGW4:    tcpipAddr(cfg.ClientGateway4),
+		clientGW6:    tcpipAddr(cfg.ClientGateway6),
+		dnsRedirects: cfg.dnsRedirects(),
+		uplinkErr:    make(chan error, 1),
+		clients:      make(map[netip.Addr]*client),
+		flows:        newConntrack(cfg.MaxFlows, cfg.MaxFlowsPerClient, seed),
+		frags:        newFragTable(cfg.MaxFragTrains, max(1, cfg.MaxFragTrains*cfg.MaxFlowsPerClient/cfg.MaxFlows)),
 	}
 	if e.clientGW6.Len() == 0 {
 		// Clients still get ICMPv6 errors (and ND answers) from the
@@ -498,7 +496,7 @@ func (e *Engine) Run(ctx context.Context) error {
 	e.mu.Unlock()
 
 	e.resolveGateways()
-	ticker := time.NewTicker(e.housekeepingPeriod)
+	ticker := time.NewTicker(housekeepingPeriod)
 	defer ticker.Stop()
 	var err error
 loop:
@@ -528,6 +526,9 @@ loop:
 	run.wg.Wait()
 	return err
 }
+
+// housekeepingPeriod is how often Run calls housekeeping.
+const housekeepingPeriod = time.Second
 
 // housekeeping runs once per housekeepingPeriod: expire flows and
 // fragment trains, retry resolving the uplink gateways.
