@@ -9,8 +9,8 @@ import (
 )
 
 // fromUplink handles one frame from sys-net (pipeline step 5): neighbour
-// discovery, pings to us, packets of known flows and ICMP errors about them.
-// Everything else is dropped.
+// discovery, pings to us, packets of known flows, later fragments of known
+// trains and ICMP errors about known flows. Everything else is dropped.
 func (w *worker) fromUplink(frame []byte) {
 	e := w.engine
 	if len(frame) >= header.EthernetMinimumSize && header.Ethernet(frame).Type() == header.ARPProtocolNumber {
