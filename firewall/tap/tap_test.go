@@ -55,6 +55,47 @@ func prefix(a netip.Addr, bits int) *net.IPNet {
 	return &net.IPNet{IP: a.AsSlice(), Mask: net.CIDRMask(bits, a.BitLen())}
 }
 
+// sendToEngine sends count datagrams of payload from the kernel side of
+// ns to engineIP:port.
+func sendToEngine(t *testing.T, ns *nstest.NS, port uint16, payload string, count int) {
+	t.Helper()
+	require.NoError(t, ns.Do(func() error {
+		c, err := net.Dial("udp", netip.AddrPortFrom(engineIP, port).String())
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		for range count {
+			if _, err := c.Write([]byte(payload)); err != nil {
+				return err
+			}
+		}
+		return nil
+	}))
+}
+
+// listenInKernel is a UDP socket in ns at kernelIP:9999, where udpFrame
+// sends, closed when the test ends.
+func listenInKernel(t *testing.T, ns *nstest.NS) *net.UDPConn {
+	t.Helper()
+	var sock *net.UDPConn
+	require.NoError(t, ns.Do(func() (err error) {
+		sock, err = net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(kernelIP, 9999)))
+		return err
+	}))
+	t.Cleanup(func() { sock.Close() })
+	return sock
+}
+
+// readBuffers are a batch of buffers for dev.Read.
+func readBuffers(dev *tap.Device) (bufs [][]byte, sizes []int) {
+	bufs = make([][]byte, dev.BatchSize())
+	for i := range bufs {
+		bufs[i] = make([]byte, 2048)
+	}
+	return bufs, make([]int, len(bufs))
+}
+
 // readFrames reads until want frames arrived or the context ends.
 func readFrames(ctx context.Context, t *testing.T, dev *tap.Device, want func([]byte) bool) []byte {
 	t.Helper()
@@ -64,11 +105,7 @@ func readFrames(ctx context.Context, t *testing.T, dev *tap.Device, want func([]
 	}
 	got := make(chan result, 1)
 	go func() {
-		bufs := make([][]byte, dev.BatchSize())
-		for i := range bufs {
-			bufs[i] = make([]byte, 2048)
-		}
-		sizes := make([]int, len(bufs))
+		bufs, sizes := readBuffers(dev)
 		for {
 			n, err := dev.Read(bufs, sizes)
 			if err != nil {
@@ -119,15 +156,7 @@ func TestKernelFrameIsRead(t *testing.T) {
 
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	require.NoError(t, ns.Do(func() error {
-		c, err := net.Dial("udp", netip.AddrPortFrom(engineIP, 7777).String())
-		if err != nil {
-			return err
-		}
-		defer c.Close()
-		_, err = c.Write([]byte("hello tap"))
-		return err
-	}))
+	sendToEngine(t, ns, 7777, "hello tap", 1)
 	f := readFrames(ctx, t, dev, isUDPTo(7777))
 	eth := header.Ethernet(f)
 	assert.Equal(t, tcpip.LinkAddress(engineMAC), eth.DestinationAddress())
@@ -139,12 +168,7 @@ func TestKernelFrameIsRead(t *testing.T) {
 
 func TestWrittenFrameReachesKernel(t *testing.T) {
 	ns, dev := openInNS(t, "qtap1")
-	var sock *net.UDPConn
-	require.NoError(t, ns.Do(func() (err error) {
-		sock, err = net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(kernelIP, 9999)))
-		return err
-	}))
-	defer sock.Close()
+	sock := listenInKernel(t, ns)
 
 	n, err := dev.Write([][]byte{udpFrame(dev, "first"), udpFrame(dev, "second")})
 	require.NoError(t, err)
@@ -182,26 +206,10 @@ func udpFrame(dev *tap.Device, payload string) []byte {
 func TestReadBatchesQueuedFrames(t *testing.T) {
 	ns, dev := openInNS(t, "qtap2")
 	const sent = 20
-	require.NoError(t, ns.Do(func() error {
-		c, err := net.Dial("udp", netip.AddrPortFrom(engineIP, 7000).String())
-		if err != nil {
-			return err
-		}
-		defer c.Close()
-		for range sent {
-			if _, err := c.Write([]byte("x")); err != nil {
-				return err
-			}
-		}
-		return nil
-	}))
+	sendToEngine(t, ns, 7000, "x", sent)
 	// The datagrams are queued on the TAP before the first Read, so Read
 	// must hand out several per call.
-	bufs := make([][]byte, dev.BatchSize())
-	for i := range bufs {
-		bufs[i] = make([]byte, 2048)
-	}
-	sizes := make([]int, len(bufs))
+	bufs, sizes := readBuffers(dev)
 	timer := time.AfterFunc(10*time.Second, func() { dev.Close() })
 	defer timer.Stop()
 	udp, largest := 0, 0
@@ -297,12 +305,7 @@ func TestWriteFollowsKernelMACChange(t *testing.T) {
 	require.NoError(t, err)
 	require.NoError(t, ns.Netlink.LinkSetHardwareAddr(link, qubesMAC))
 
-	var sock *net.UDPConn
-	require.NoError(t, ns.Do(func() (err error) {
-		sock, err = net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(kernelIP, 9999)))
-		return err
-	}))
-	defer sock.Close()
+	sock := listenInKernel(t, ns)
 	// The kernel speaks first (as a client does): its frames show the new
 	// MAC. A new MAC flushes the neighbours, so it asks for engineIP first.
 	_, err = sock.WriteToUDPAddrPort([]byte("hello"), netip.AddrPortFrom(engineIP, 7777))
