@@ -150,7 +150,7 @@ func BenchmarkNewFlow(b *testing.B) {
 		}
 		fp.clientW.processBatch(batch)
 		i += batch
-		if c.flowCount >= ports-len(fp.clientW.bufs) {
+		if c.flowList.count >= ports-len(fp.clientW.bufs) {
 			b.StopTimer()
 			fp.e.flows.removeClient(c)
 			b.StartTimer()

@@ -30,13 +30,11 @@ type client struct {
 	rules6       atomic.Pointer[ruleTable]
 
 	// Guarded by Engine.mu.
-	flowHead, flowTail int32 // the client's flows, oldest first
-	flowCount          int
-	fragHead, fragTail int32 // the client's fragment trains, oldest first
-	fragCount          int
-	counters           ClientCounters
-	replyLimit         tokenBucket
-	removed            bool
+	flowList   slotList // the client's flows in conntrack.flows
+	fragList   slotList // the client's fragment trains in fragTable.trains
+	counters   ClientCounters
+	replyLimit tokenBucket
+	removed    bool
 }
 
 func newClient(cfg ClientConfig) *client {
@@ -47,10 +45,8 @@ func newClient(cfg ClientConfig) *client {
 		addr4:    tcpipAddr(cfg.IP4),
 		addr6:    tcpipAddr(cfg.IP6),
 		mac:      [header.EthernetAddressSize]byte(cfg.MAC),
-		flowHead: -1,
-		flowTail: -1,
-		fragHead: -1,
-		fragTail: -1,
+		flowList: emptySlotList,
+		fragList: emptySlotList,
 	}
 }
 

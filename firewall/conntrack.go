@@ -79,8 +79,8 @@ type flow struct {
 	inUse       bool
 	// dnat: the destination is redirected too (DNS, Config.UplinkDNS):
 	// orig.remote as the client sends it, reply.remote towards the uplink.
-	dnat       bool
-	prev, next int32 // the client's flow list, or the free list (next only)
+	dnat      bool
+	slotLinks // in the client's flowList, or the free list (next only)
 }
 
 // conntrack is the fixed-size flow table. All of it is guarded by Engine.mu.
@@ -94,6 +94,47 @@ type conntrack struct {
 	natRand   *rand.ChaCha8
 	lastSweep int64
 	lastID    uint64
+}
+
+// slotList is a client's list of slots in a fixed-size table (its flows
+// or its fragment trains), oldest first, linked through the slots'
+// slotLinks. All of it is guarded by Engine.mu.
+type slotList struct {
+	head, tail int32 // -1 when empty
+	count      int
+}
+
+var emptySlotList = slotList{head: -1, tail: -1}
+
+// slotLinks are a slot's neighbours in its slotList.
+type slotLinks struct{ prev, next int32 }
+
+// pushBack appends slot i; links gives a slot's slotLinks.
+func (l *slotList) pushBack(i int32, links func(int32) *slotLinks) {
+	*links(i) = slotLinks{prev: l.tail, next: -1}
+	if l.tail >= 0 {
+		links(l.tail).next = i
+	} else {
+		l.head = i
+	}
+	l.tail = i
+	l.count++
+}
+
+// remove takes slot i out of the list.
+func (l *slotList) remove(i int32, links func(int32) *slotLinks) {
+	s := links(i)
+	if s.prev >= 0 {
+		links(s.prev).next = s.next
+	} else {
+		l.head = s.next
+	}
+	if s.next >= 0 {
+		links(s.next).prev = s.prev
+	} else {
+		l.tail = s.prev
+	}
+	l.count--
 }
 
 func newConntrack(capacity, perClient int, seed [32]byte) *conntrack {
@@ -146,20 +187,14 @@ func (t *conntrack) create(c *client, orig *flowKey, natAddr, remote [16]byte, s
 	t.used++
 	addrLen := c.addr(orig.family).Len()
 	t.lastID++
-	*f = flow{orig: *orig, reply: reply, client: c, id: t.lastID, state: state, inUse: true, prev: c.flowTail, next: -1,
+	*f = flow{orig: *orig, reply: reply, client: c, id: t.lastID, state: state, inUse: true,
 		delta: newNATDelta(orig.local[:addrLen], natAddr[:addrLen], orig.localPort, reply.localPort)}
 	if remote != orig.remote {
 		f.dnat = true
 		f.delta.addr = checksum.Combine(f.delta.addr, addrDelta(orig.remote[:addrLen], remote[:addrLen]))
 	}
 	f.refresh(now)
-	if c.flowTail >= 0 {
-		t.flows[c.flowTail].next = i
-	} else {
-		c.flowHead = i
-	}
-	c.flowTail = i
-	c.flowCount++
+	c.flowList.pushBack(i, t.links)
 	t.orig[*orig] = i
 	t.reply[reply] = i
 	return f
@@ -184,7 +219,7 @@ func (t *conntrack) pickNATPort(k *flowKey) bool {
 // reclaiming only c's own flows (one client cannot evict another's) and,
 // at most once a second, expired flows of anyone.
 func (t *conntrack) makeRoom(c *client, now int64) bool {
-	if c.flowCount >= t.perClient && !t.reclaim(c, now) {
+	if c.flowList.count >= t.perClient && !t.reclaim(c, now) {
 		return false
 	}
 	if t.free >= 0 {
@@ -204,7 +239,7 @@ func (t *conntrack) makeRoom(c *client, now int64) bool {
 // that was never answered.
 func (t *conntrack) reclaim(c *client, now int64) bool {
 	victim := int32(-1)
-	i := c.flowHead
+	i := c.flowList.head
 	for n := 0; i >= 0 && n < reclaimScan; n++ {
 		f := &t.flows[i]
 		if f.expires < now {
@@ -226,24 +261,16 @@ func (t *conntrack) reclaim(c *client, now int64) bool {
 // remove frees flow i.
 func (t *conntrack) remove(i int32) {
 	f := &t.flows[i]
-	c := f.client
-	if f.prev >= 0 {
-		t.flows[f.prev].next = f.next
-	} else {
-		c.flowHead = f.next
-	}
-	if f.next >= 0 {
-		t.flows[f.next].prev = f.prev
-	} else {
-		c.flowTail = f.prev
-	}
-	c.flowCount--
+	f.client.flowList.remove(i, t.links)
 	delete(t.orig, f.orig)
 	delete(t.reply, f.reply)
-	*f = flow{next: t.free}
+	*f = flow{slotLinks: slotLinks{next: t.free}}
 	t.free = i
 	t.used--
 }
+
+// links gives flow i's slotLinks.
+func (t *conntrack) links(i int32) *slotLinks { return &t.flows[i].slotLinks }
 
 // expire removes every expired flow.
 func (t *conntrack) expire(now int64) {
@@ -268,8 +295,8 @@ func (t *conntrack) removeRemote(a netip.Addr) {
 
 // removeClient removes all of c's flows.
 func (t *conntrack) removeClient(c *client) {
-	for c.flowHead >= 0 {
-		t.remove(c.flowHead)
+	for c.flowList.head >= 0 {
+		t.remove(c.flowList.head)
 	}
 }
 
@@ -277,7 +304,7 @@ func (t *conntrack) removeClient(c *client) {
 // now rejected are removed, and for TCP flows the remote has answered a RST
 // towards the client is returned, ready to be written to its link.
 func (t *conntrack) recheck(c *client, family rules.Family, table *ruleTable, now int64) (resets [][]byte) {
-	for i := c.flowHead; i >= 0; {
+	for i := c.flowList.head; i >= 0; {
 		f := &t.flows[i]
 		next := f.next
 		if f.orig.family == family {

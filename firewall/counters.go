@@ -110,7 +110,7 @@ func (e *Engine) Counters() Counters {
 			continue
 		}
 		cc := c.counters
-		cc.Name, cc.IP4, cc.IP6, cc.Flows, cc.FragTrains = c.name, c.ip4, c.ip6, c.flowCount, c.fragCount
+		cc.Name, cc.IP4, cc.IP6, cc.Flows, cc.FragTrains = c.name, c.ip4, c.ip6, c.flowList.count, c.fragList.count
 		cc.Rules4 = c.rules4.Load().snapshot()
 		cc.Rules6 = c.rules6.Load().snapshot()
 		out.Clients = append(out.Clients, cc)

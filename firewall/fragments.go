@@ -68,13 +68,13 @@ func (p *packet) fragKey(fromClient bool) fragKey {
 
 // fragTrain is one entry of the fragment train table.
 type fragTrain struct {
-	key        fragKey
-	flow       *flow  // in conntrack.flows, which never moves
-	flowID     uint64 // flow.id when the train began: a reused slot does not match
-	expires    int64
-	owner      *client // whose share the train counts against: the flow's client
-	prev, next int32   // the owner's trains, oldest first, or the free list (next only)
-	inUse      bool
+	key       fragKey
+	flow      *flow  // in conntrack.flows, which never moves
+	flowID    uint64 // flow.id when the train began: a reused slot does not match
+	expires   int64
+	owner     *client // whose share the train counts against: the flow's client
+	inUse     bool
+	slotLinks // in the owner's fragList, or the free list (next only)
 }
 
 // fragTable is the fixed-size fragment train table; each client holds at
@@ -116,15 +116,15 @@ func (t *fragTable) add(k fragKey, f *flow, now int64) bool {
 		t.remove(i)
 	}
 	c := f.client
-	if c.fragCount >= t.perClient {
-		t.remove(c.fragHead)
+	if c.fragList.count >= t.perClient {
+		t.remove(c.fragList.head)
 	}
 	if t.free < 0 && now-t.lastSweep >= fullSweepEvery {
 		t.lastSweep = now
 		t.expire(now)
 	}
-	if t.free < 0 && c.fragHead >= 0 {
-		t.remove(c.fragHead)
+	if t.free < 0 && c.fragList.head >= 0 {
+		t.remove(c.fragList.head)
 	}
 	if t.free < 0 {
 		return false
@@ -133,14 +133,8 @@ func (t *fragTable) add(k fragKey, f *flow, now int64) bool {
 	tr := &t.trains[i]
 	t.free = tr.next
 	t.used++
-	*tr = fragTrain{key: k, flow: f, flowID: f.id, expires: now + int64(fragTrainTimeout), owner: c, prev: c.fragTail, next: -1, inUse: true}
-	if c.fragTail >= 0 {
-		t.trains[c.fragTail].next = i
-	} else {
-		c.fragHead = i
-	}
-	c.fragTail = i
-	c.fragCount++
+	*tr = fragTrain{key: k, flow: f, flowID: f.id, expires: now + int64(fragTrainTimeout), owner: c, inUse: true}
+	c.fragList.pushBack(i, t.links)
 	t.index[k] = i
 	return true
 }
@@ -166,23 +160,15 @@ func (t *fragTable) flow(k fragKey, now int64) *flow {
 // remove frees train i.
 func (t *fragTable) remove(i int32) {
 	tr := &t.trains[i]
-	c := tr.owner
-	if tr.prev >= 0 {
-		t.trains[tr.prev].next = tr.next
-	} else {
-		c.fragHead = tr.next
-	}
-	if tr.next >= 0 {
-		t.trains[tr.next].prev = tr.prev
-	} else {
-		c.fragTail = tr.prev
-	}
-	c.fragCount--
+	tr.owner.fragList.remove(i, t.links)
 	delete(t.index, tr.key)
-	*tr = fragTrain{next: t.free}
+	*tr = fragTrain{slotLinks: slotLinks{next: t.free}}
 	t.free = i
 	t.used--
 }
+
+// links gives train i's slotLinks.
+func (t *fragTable) links(i int32) *slotLinks { return &t.trains[i].slotLinks }
 
 // expire removes every expired train.
 func (t *fragTable) expire(now int64) {
@@ -195,8 +181,8 @@ func (t *fragTable) expire(now int64) {
 
 // removeClient removes all of c's trains.
 func (t *fragTable) removeClient(c *client) {
-	for c.fragHead >= 0 {
-		t.remove(c.fragHead)
+	for c.fragList.head >= 0 {
+		t.remove(c.fragList.head)
 	}
 }
 
