@@ -207,12 +207,7 @@ func (w *worker) sendNeighborAdvert(to *port, p *packet, target tcpip.Address, r
 func (c *client) resetFrame(f *flow) []byte {
 	k := &f.orig
 	addrLen := c.addr(k.family).Len()
-	ipLen := header.IPv4MinimumSize
-	if k.family == rules.IPv6 {
-		ipLen = header.IPv6MinimumSize
-	}
-	frame := make([]byte, header.EthernetMinimumSize+ipLen+header.TCPMinimumSize)
-	return encodeReset(frame, k.family, c.mac, c.port.macBytes, tcpip.AddrFromSlice(k.remote[:addrLen]), c.addr(k.family),
+	return encodeReset(make([]byte, maxResetFrameSize), k.family, c.mac, c.port.macBytes, tcpip.AddrFromSlice(k.remote[:addrLen]), c.addr(k.family),
 		header.TCPFields{SrcPort: k.remotePort, DstPort: k.localPort, SeqNum: f.remoteNext, Flags: header.TCPFlagRst})
 }
 
@@ -231,23 +226,24 @@ func (w *worker) sendReset(c *client, p *packet) {
 		return
 	}
 	fields := header.TCPFields{SrcPort: p.dstPort, DstPort: p.srcPort, SeqNum: header.TCP(p.l4).AckNumber(), Flags: header.TCPFlagRst}
-	ipLen := header.IPv4MinimumSize
-	if p.family == rules.IPv6 {
-		ipLen = header.IPv6MinimumSize
-	}
 	var peer [header.EthernetAddressSize]byte
 	copy(peer[:], p.eth.SourceAddress())
-	w.send(w.in, encodeReset(buf[:header.EthernetMinimumSize+ipLen+header.TCPMinimumSize], p.family, peer, w.in.macBytes, p.dst, p.src, fields))
+	w.send(w.in, encodeReset(buf, p.family, peer, w.in.macBytes, p.dst, p.src, fields))
 }
 
-// encodeReset writes an Ethernet frame with a bare TCP segment (a RST) into
-// frame, which is exactly large enough.
-func encodeReset(frame []byte, family rules.Family, ethDst, ethSrc [header.EthernetAddressSize]byte, src, dst tcpip.Address, fields header.TCPFields) []byte {
-	clear(frame)
-	ethType := header.IPv4ProtocolNumber
+// maxResetFrameSize is the size of the largest frame encodeReset writes.
+const maxResetFrameSize = header.EthernetMinimumSize + header.IPv6MinimumSize + header.TCPMinimumSize
+
+// encodeReset writes an Ethernet frame with a bare TCP segment (a RST) at
+// the start of buf, which holds at least maxResetFrameSize bytes, and
+// returns the frame.
+func encodeReset(buf []byte, family rules.Family, ethDst, ethSrc [header.EthernetAddressSize]byte, src, dst tcpip.Address, fields header.TCPFields) []byte {
+	ethType, ipLen := header.IPv4ProtocolNumber, header.IPv4MinimumSize
 	if family == rules.IPv6 {
-		ethType = header.IPv6ProtocolNumber
+		ethType, ipLen = header.IPv6ProtocolNumber, header.IPv6MinimumSize
 	}
+	frame := buf[:header.EthernetMinimumSize+ipLen+header.TCPMinimumSize]
+	clear(frame)
 	header.Ethernet(frame).Encode(&header.EthernetFields{SrcAddr: tcpip.LinkAddress(ethSrc[:]), DstAddr: tcpip.LinkAddress(ethDst[:]), Type: ethType})
 	ipStart := header.EthernetMinimumSize
 	tcpStart := len(frame) - header.TCPMinimumSize
