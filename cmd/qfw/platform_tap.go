@@ -39,7 +39,7 @@ func runTap(ctx context.Context, opts *options, hup <-chan os.Signal, log *slog.
 	if err != nil {
 		return err
 	}
-	resolver, err := attachResolver(engine, db)
+	resolver, err := attachResolver(engine, cfg.UplinkDNS)
 	if err != nil {
 		return err
 	}

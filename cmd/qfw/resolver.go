@@ -51,18 +51,15 @@ type uplinkResolver struct {
 }
 
 // attachResolver adds the resolver to the engine as a client that may only
-// reach its DNS servers on UDP port 53. The servers are this VM's own
-// (/qubes-primary-dns, /qubes-secondary-dns: what setup-ip writes to a
-// sys-firewall's resolv.conf), by default Qubes' 10.139.1.1 and .2.
-func attachResolver(engine *firewall.Engine, db map[string]string) (*uplinkResolver, error) {
+// reach its DNS servers on UDP port 53. The servers are this VM's own IPv4
+// ones (Config.UplinkDNS: /qubes-primary-dns, /qubes-secondary-dns, what
+// setup-ip writes to a sys-firewall's resolv.conf), by default Qubes'
+// 10.139.1.1 and .2.
+func attachResolver(engine *firewall.Engine, servers []netip.Addr) (*uplinkResolver, error) {
 	r := &uplinkResolver{pending: make(map[uint16]chan []byte)}
 	tree := map[string]string{"policy": "drop"}
-	for _, key := range []string{"/qubes-primary-dns", "/qubes-secondary-dns"} {
-		if v := db[key]; v != "" {
-			s, err := netip.ParseAddr(v)
-			if err != nil || !s.Is4() {
-				return nil, fmt.Errorf("QubesDB %s: %q is not an IPv4 address", key, v)
-			}
+	for _, s := range servers {
+		if s.Is4() {
 			r.servers = append(r.servers, s)
 		}
 	}
