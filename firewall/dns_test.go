@@ -252,21 +252,10 @@ func TestFragmentedRedirectedQueryAndAnswer(t *testing.T) {
 	assert.Equal(t, answer.payload, []byte(d.l4[header.UDPMinimumSize:]))
 }
 
-func TestConfigFromQubesDBReadsUplinkDNS(t *testing.T) {
-	db := map[string]string{
-		"/qubes-ip": "10.137.0.6", "/qubes-gateway": "10.137.0.5", "/qubes-netvm-gateway": "10.137.0.6",
-		"/qubes-primary-dns": "192.0.2.53",
-	}
-	cfg, err := ConfigFromQubesDB(db)
-	require.NoError(t, err)
-	assert.Equal(t, []netip.Addr{upstreamNS}, cfg.UplinkDNS)
-	assert.Empty(t, cfg.ClientDNS)
+func TestDNSRedirectsPairClientAndUplinkServers(t *testing.T) {
+	cfg := Config{UplinkDNS: []netip.Addr{upstreamNS}}
 	// Q defaults to Qubes' addresses, for the redirection and the rules.
 	assert.Equal(t, []netip.Addr{dnsIP, dns2IP, upstreamNS}, cfg.RuleOptions(rules.IPv4, nil).DNSServers)
 	assert.Equal(t, []dnsRedirect{{from: [16]byte{10, 139, 1, 1}, to: [16]byte{192, 0, 2, 53}}, {from: [16]byte{10, 139, 1, 2}, to: [16]byte{192, 0, 2, 53}}},
 		cfg.dnsRedirects())
-
-	db["/qubes-secondary-dns"] = "bogus"
-	_, err = ConfigFromQubesDB(db)
-	assert.ErrorContains(t, err, "/qubes-secondary-dns")
 }

@@ -133,45 +133,6 @@ type Config struct {
 	Rand   io.Reader        // seeds the NAT port generator; nil means crypto/rand
 }
 
-// ConfigFromQubesDB reads the keys of section 4 of specs/qubes.md from a
-// QubesDB snapshot (absolute paths to values). Limits, logger, clock and
-// random source are left at their defaults.
-func ConfigFromQubesDB(db map[string]string) (Config, error) {
-	var cfg Config
-	var errs []error
-	addr := func(key string, required bool) netip.Addr {
-		v, ok := db[key]
-		if !ok || v == "" {
-			if required {
-				errs = append(errs, fmt.Errorf("QubesDB %s: missing", key))
-			}
-			return netip.Addr{}
-		}
-		a, err := netip.ParseAddr(v)
-		if err != nil {
-			errs = append(errs, fmt.Errorf("QubesDB %s: %v", key, err))
-		}
-		return a
-	}
-	cfg.UplinkIP4 = addr("/qubes-ip", true)
-	cfg.UplinkGateway4 = addr("/qubes-gateway", true)
-	cfg.UplinkIP6 = addr("/qubes-ip6", false)
-	cfg.UplinkGateway6 = addr("/qubes-gateway6", false)
-	cfg.ClientGateway4 = addr("/qubes-netvm-gateway", true)
-	cfg.ClientGateway6 = addr("/qubes-netvm-gateway6", false)
-	for _, key := range []string{"/qubes-netvm-primary-dns", "/qubes-netvm-secondary-dns"} {
-		if a := addr(key, false); a.IsValid() {
-			cfg.ClientDNS = append(cfg.ClientDNS, a)
-		}
-	}
-	for _, key := range []string{"/qubes-primary-dns", "/qubes-secondary-dns"} {
-		if a := addr(key, false); a.IsValid() {
-			cfg.UplinkDNS = append(cfg.UplinkDNS, a)
-		}
-	}
-	return cfg, errors.Join(errs...)
-}
-
 // ClientDNSServers is Q: ClientDNS, or Qubes' default addresses when it is
 // empty. The engine redirects queries to these addresses, and
 // specialtarget=dns matches them.

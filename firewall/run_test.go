@@ -120,20 +120,10 @@ func TestRunReturnsWhenTheUplinkFails(t *testing.T) {
 	}
 }
 
-func TestConfigFromQubesDB(t *testing.T) {
-	cfg, err := ConfigFromQubesDB(map[string]string{
-		"/qubes-ip": "10.137.0.6", "/qubes-gateway": "10.137.0.5", "/qubes-netvm-gateway": "10.137.0.6",
-		"/qubes-ip6": "fd09:24ef:4179::a89:6", "/qubes-gateway6": "fd09:24ef:4179::a89:5",
-		"/qubes-netvm-primary-dns": "10.139.1.1", "/qubes-netvm-secondary-dns": "10.139.1.2",
-	})
-	require.NoError(t, err)
-	assert.Equal(t, uplinkIP, cfg.UplinkIP4)
-	assert.Equal(t, sysnetIP6, cfg.UplinkGateway6)
-	assert.Equal(t, rules.DefaultDNSServers, cfg.ClientDNS)
-	assert.Equal(t, cfg.ClientDNS, cfg.RuleOptions(rules.IPv4, nil).DNSServers)
-
-	_, err = ConfigFromQubesDB(map[string]string{"/qubes-ip": "not-an-ip"})
-	require.Error(t, err)
-	assert.Contains(t, err.Error(), "/qubes-ip")
-	assert.Contains(t, err.Error(), "/qubes-gateway: missing")
+func TestRuleOptionsMatchClientDNS(t *testing.T) {
+	cfg := Config{ClientDNS: []netip.Addr{dnsIP}}
+	assert.Equal(t, []netip.Addr{dnsIP}, cfg.RuleOptions(rules.IPv4, nil).DNSServers)
+	cfg.ClientDNS = nil
+	assert.Equal(t, rules.DefaultDNSServers, cfg.RuleOptions(rules.IPv4, nil).DNSServers,
+		"no client DNS given: Qubes' 10.139.1.1 and .2")
 }

@@ -8,8 +8,6 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
-
-	"qfw/firewall"
 )
 
 // The README's example database must stay loadable: a valid engine
@@ -17,7 +15,7 @@ import (
 func TestExampleQubesDB(t *testing.T) {
 	db, err := readQubesDBFile("../../examples/tap-qubesdb.json")
 	require.NoError(t, err)
-	cfg, err := firewall.ConfigFromQubesDB(db)
+	cfg, err := engineConfig(db, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	require.NoError(t, err)
 	assert.Equal(t, netip.MustParseAddr("10.137.0.6"), cfg.UplinkIP4)
 	trees := ruleTrees(db, slog.New(slog.NewTextHandler(io.Discard, nil)))

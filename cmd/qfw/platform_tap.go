@@ -23,11 +23,10 @@ func runTap(ctx context.Context, opts *options, hup <-chan os.Signal, log *slog.
 	if err != nil {
 		return err
 	}
-	cfg, err := firewall.ConfigFromQubesDB(db)
+	cfg, err := engineConfig(db, log)
 	if err != nil {
 		return fmt.Errorf("QubesDB file %s: %w", opts.qubesdb, err)
 	}
-	cfg.Logger = log
 	uplinkMAC := defaultQubesMAC
 	if v, ok := db["/qubes-mac"]; ok {
 		if uplinkMAC, err = net.ParseMAC(v); err != nil || len(uplinkMAC) != 6 {

@@ -57,8 +57,7 @@ func (b *syncBuffer) String() string {
 // engine until the test ends.
 func startEngine(t *testing.T, tp *topology) *engineRun {
 	t.Helper()
-	cfg, err := firewall.ConfigFromQubesDB(tp.qubesDB())
-	require.NoError(t, err)
+	cfg := tp.engineConfig()
 	logs := &syncBuffer{}
 	cfg.Logger = slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	t.Cleanup(func() {

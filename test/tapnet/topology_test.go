@@ -371,6 +371,22 @@ func (tp *topology) qubesDB() map[string]string {
 	return db
 }
 
+// engineConfig is the engine's configuration for the addresses qubesDB
+// writes (the tests that run the qfw binary go through the QubesDB file).
+func (tp *topology) engineConfig() firewall.Config {
+	cfg := firewall.Config{
+		UplinkIP4: fwIP, UplinkGateway4: upGW, ClientGateway4: fwIP,
+		ClientDNS: []netip.Addr{dns1, dns2}, UplinkDNS: []netip.Addr{dns1, dns2},
+	}
+	if tp.ownDNS != nil {
+		cfg.UplinkDNS = tp.ownDNS
+	}
+	if tp.ipv6 {
+		cfg.UplinkIP6, cfg.UplinkGateway6, cfg.ClientGateway6 = fwIP6, upGW6, fwIP6
+	}
+	return cfg
+}
+
 // ruleTree is a client's rule tree as dom0 writes it: numbered rules,
 // policy drop; with the commit key.
 func ruleTree(db map[string]string, ip netip.Addr, rules ...string) {
